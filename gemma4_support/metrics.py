@@ -1,0 +1,127 @@
+"""The one comparison module: numeric metrics between a reference and a candidate, and gate verdicts.
+
+Every stage measures with these functions and judges with `evaluate`; nothing else computes a metric.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+_OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A threshold on one metric: passes when `metric op threshold` holds (NaN never passes)."""
+
+    metric: str
+    op: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"gate op {self.op!r} is not one of {sorted(_OPS)}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict on a measured value."""
+
+    metric: str
+    op: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        """One line: metric value op threshold and the verdict."""
+        verdict = "ok" if self.passed else "FAIL"
+        return f"{self.metric}={self.value!r} {self.op} {self.threshold!r}: {verdict}"
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def evaluate(metrics: Mapping[str, float], gates: Sequence[Gate]) -> list[GateResult]:
+    """Judge measured metrics against gates; a metric missing from `metrics` fails its gate."""
+    results = []
+    for gate in gates:
+        value = metrics.get(gate.metric)
+        ok = value is not None and not _isnan(value) and bool(_OPS[gate.op](value, gate.threshold))
+        results.append(GateResult(gate.metric, gate.op, gate.threshold, None if value is None else float(value), ok))
+    return results
+
+
+def _isnan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def tensor_diff(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """max/mean abs difference, mean-abs-% (of mean |reference|) and relative L2 between two tensors."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"shape mismatch: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}")
+    ref = reference.detach().to(torch.float64)
+    diff = (candidate.detach().to(torch.float64) - ref).abs()
+    ref_abs_mean = ref.abs().mean().item()
+    ref_norm = ref.norm().item()
+    return {
+        "max_abs": diff.max().item() if diff.numel() else 0.0,
+        "mean_abs": diff.mean().item() if diff.numel() else 0.0,
+        "mean_abs_pct": 100.0 * diff.mean().item() / ref_abs_mean if ref_abs_mean > 0 else float(diff.sum() > 0) * math.inf,
+        "rel_l2": diff.norm().item() / ref_norm if ref_norm > 0 else float(diff.sum() > 0) * math.inf,
+    }
+
+
+def logprob_metrics(
+    reference_logits: torch.Tensor,
+    candidate_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Log-prob agreement of two [..., vocab] logit tensors at every (valid) position.
+
+    Reports, over the full vocabulary: max abs log-prob difference and mean KL(reference ‖ candidate) per
+    token; and, for the label tokens when `labels` is given: max/mean abs log-prob difference and mean-abs-%.
+    """
+    if reference_logits.shape != candidate_logits.shape:
+        raise ValueError(
+            f"logit shape mismatch: reference {tuple(reference_logits.shape)} vs candidate {tuple(candidate_logits.shape)}"
+        )
+    ref = torch.log_softmax(reference_logits.detach().to(torch.float64), dim=-1)
+    cand = torch.log_softmax(candidate_logits.detach().to(torch.float64), dim=-1)
+    if valid is not None:
+        ref, cand = ref[valid], cand[valid]
+        labels = labels[valid] if labels is not None else None
+    ref = ref.reshape(-1, ref.shape[-1])
+    cand = cand.reshape(-1, cand.shape[-1])
+    kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0)
+    out = {
+        "tokens": float(ref.shape[0]),
+        "max_abs_logprob_full": (ref - cand).abs().max().item(),
+        "mean_kl": kl.mean().item(),
+        "max_kl": kl.max().item(),
+    }
+    if labels is not None:
+        idx = labels.reshape(-1, 1)
+        d = tensor_diff(ref.gather(-1, idx), cand.gather(-1, idx))
+        out.update(
+            max_abs_logprob=d["max_abs"], mean_abs_logprob=d["mean_abs"], logprob_mean_abs_pct=d["mean_abs_pct"]
+        )
+    return out
+
+
+def named_tensor_metrics(
+    reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor]
+) -> dict[str, float | str | dict]:
+    """Per-name relative L2 between two tensor dicts (e.g. gradients), with the worst name."""
+    missing = sorted(set(reference) ^ set(candidate))
+    if missing:
+        raise ValueError(f"tensor names differ between reference and candidate: {missing[:8]}")
+    per = {name: tensor_diff(reference[name], candidate[name])["rel_l2"] for name in sorted(reference)}
+    worst = max(per, key=lambda n: per[n]) if per else ""
+    return {"max_rel_l2": per[worst] if per else 0.0, "worst": worst, "per_tensor_rel_l2": per}

@@ -1,0 +1,55 @@
+"""A self-contained HTML page for one run: stage verdicts, then every gate with value and threshold."""
+from __future__ import annotations
+
+import html
+import json
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value)
+        return text if len(text) < 120 else text[:117] + "…"
+    return str(value)
+
+
+def render_run(summary: dict, tests: list[dict]) -> str:
+    """Render the run summary and every test's records as one HTML page."""
+    esc = html.escape
+    prov = summary["provenance"]
+    rows = []
+    for name, stage in summary["stages"].items():
+        c = stage["counts"]
+        rows.append(f"<tr class='{esc(stage['status'])}'><td>{esc(name)}</td><td>{esc(stage['status'])}</td>"
+                    f"<td>{c['passed']}</td><td>{c['failed'] + c['error']}</td><td>{c['skipped']}</td></tr>")
+    detail = []
+    for test in tests:
+        detail.append(f"<h3 class='{esc(test['outcome'])}'>{esc(test['nodeid'])} — {esc(test['outcome'])}"
+                      f" ({test['duration_s']:.2f} s)</h3>")
+        if test["outcome"] == "skipped" and test.get("longrepr"):
+            detail.append(f"<p>{esc(str(test['longrepr']))}</p>")
+        for rec in test["records"]:
+            if rec["kind"] == "info":
+                detail.append(f"<p><b>{esc(rec['case'])}</b>: {esc(_fmt(rec['info']))}</p>")
+                continue
+            gates = "".join(
+                f"<tr class='{'passed' if g['passed'] else 'failed'}'><td>{esc(g['metric'])}</td><td>{esc(_fmt(g['value']))}</td>"
+                f"<td>{esc(g['op'])} {esc(_fmt(g['threshold']))}</td><td>{'ok' if g['passed'] else 'FAIL'}</td></tr>"
+                for g in rec["gates"])
+            label = "sensitivity (broken on purpose; must be caught)" if rec["kind"] == "sensitivity" else "gate"
+            verdict = ("caught" if rec.get("caught") else "NOT caught") if rec["kind"] == "sensitivity" else (
+                "passed" if rec["passed"] else "FAILED")
+            detail.append(f"<p><b>{esc(rec['case'])}</b> — {label}: {verdict}</p><table><tr><th>metric</th><th>value</th>"
+                          f"<th>threshold</th><th>verdict</th></tr>{gates}</table>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>gemma4-support run {esc(summary['run_dir'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ccc;padding:2px 8px}}.failed,.error{{color:#b00}}.passed{{color:#070}}.skipped,.not_run{{color:#777}}</style>
+</head><body><h1>gemma4-support validation run</h1>
+<p>{esc(summary['run_dir'])} — exit status {summary['exit_status']} — {summary['duration_s']} s</p>
+<p>commit {esc(str(prov['git']['commit']))}{' (dirty)' if prov['git']['dirty'] else ''} · device {esc(str(prov['device']['name']))}
+ · model {esc(str(prov['model']['path']))} ({esc(str(prov['model']['config_fingerprint']))}) · seed {prov['seed']}</p>
+<p>{esc(', '.join(f'{k} {v}' for k, v in prov['packages'].items() if v))}</p>
+<table><tr><th>stage</th><th>status</th><th>passed</th><th>failed</th><th>skipped</th></tr>{''.join(rows)}</table>
+{''.join(detail)}</body></html>
+"""

@@ -1,0 +1,32 @@
+"""Shared fixtures of every stage: the model under test and its spec (the one fixture factory is
+`fixtures.factory`; tests get checkpoints through these fixtures or `fixture_dir`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gemma4_support.config.spec import ModelSpec, load_spec
+
+
+@pytest.fixture(scope="session")
+def gemma4_model_dir(pytestconfig: pytest.Config) -> Path:
+    """The HF checkpoint under test: --gemma4-model, else the embedded tiny MoE fixture."""
+    given = pytestconfig.getoption("--gemma4-model")
+    if given:
+        return Path(given).resolve()
+    from fixtures.factory import fixture_dir
+
+    return fixture_dir("moe")
+
+
+@pytest.fixture(scope="session")
+def model_spec(gemma4_model_dir: Path) -> ModelSpec:
+    """The spec of the model under test."""
+    return load_spec(gemma4_model_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma4_seed(pytestconfig: pytest.Config) -> int:
+    """The suite's seed (--gemma4-seed)."""
+    return int(pytestconfig.getoption("--gemma4-seed"))

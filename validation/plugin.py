@@ -1,0 +1,191 @@
+"""pytest plugin of the suite: stage markers, options, the `stage_report` fixture, and the run's reports.
+
+Tests hand measured metrics to `stage_report`; records travel to the controlling process on the test
+report (`user_properties`, so they survive pytest-xdist), and at the end of the session the controller
+writes one JSON per stage, a summary and an HTML page into a fresh run folder under `--report-dir`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from gemma4_support.metrics import Gate, GateResult, evaluate
+from gemma4_support.reports.files import jsonable, new_run_dir, write_atomic, write_json
+from gemma4_support.reports.html import render_run
+from gemma4_support.reports.provenance import collect
+from validation.stages import EXTRA_MARKERS, STAGES, stage_of
+
+REPO = Path(__file__).resolve().parents[1]
+_RECORD_KEY = "gemma4"
+_RUN_DIR = pytest.StashKey[Path]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gemma4", "gemma4-support validation")
+    group.addoption("--gemma4-model", default=None, metavar="DIR",
+                    help="HF Gemma 4 checkpoint directory to validate (default: the embedded tiny MoE fixture)")
+    group.addoption("--report-dir", default=str(REPO / "reports"), metavar="DIR",
+                    help="where run folders with the stage JSONs are written (default: ./reports)")
+    group.addoption("--gemma4-seed", type=int, default=0, help="seed for every random input of the suite")
+    group.addoption("--gemma4-full-depth", action="store_true",
+                    help="do not truncate --gemma4-model to the depth that covers every layer family")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for stage in STAGES:
+        config.addinivalue_line("markers", f"{stage.marker}: {stage.description}")
+    for name, text in EXTRA_MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    if _is_worker(config):
+        config.stash[_RUN_DIR] = Path(config.workerinput["gemma4_run_dir"])
+    elif not (config.option.collectonly or config.option.help):
+        run = new_run_dir(Path(config.getoption("--report-dir")))
+        config.stash[_RUN_DIR] = run
+        config.pluginmanager.register(_RunCollector(config, run), "gemma4-run-collector")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # pytest-xdist: hand the run folder to each worker
+    node.workerinput["gemma4_run_dir"] = str(node.config.stash[_RUN_DIR])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); this machine has no GPU — run it on a GPU runner")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class StageReport:
+    """What a test measured, with thresholds and verdicts; failing gates fail the test."""
+
+    def __init__(self, node: pytest.Item) -> None:
+        self._node = node
+
+    def _add(self, record: dict) -> None:
+        self._node.user_properties.append((_RECORD_KEY, jsonable(record)))
+
+    def record(self, case: str, **info: object) -> None:
+        """Record information (timings, counts, ids) without a gate."""
+        self._add({"case": case, "kind": "info", "info": info})
+
+    def check(self, case: str, metrics: Mapping[str, object], gates: Sequence[Gate], **info: object) -> list[GateResult]:
+        """Record metrics and judge them; fail the test naming every gate that failed."""
+        results = evaluate(_numeric(metrics), gates)
+        passed = all(r.passed for r in results)
+        self._add({"case": case, "kind": "gate", "metrics": metrics, "gates": [r.to_dict() for r in results],
+                   "passed": passed, "info": info})
+        if not passed:
+            failed = "; ".join(r.describe() for r in results if not r.passed)
+            pytest.fail(f"[{case}] gate failed: {failed}", pytrace=False)
+        return results
+
+    def expect_caught(self, case: str, metrics: Mapping[str, object], gates: Sequence[Gate],
+                      **info: object) -> list[GateResult]:
+        """Sensitivity: a deliberately broken variant must fail at least one gate, else this test fails."""
+        results = evaluate(_numeric(metrics), gates)
+        caught = not all(r.passed for r in results)
+        self._add({"case": case, "kind": "sensitivity", "metrics": metrics, "gates": [r.to_dict() for r in results],
+                   "passed": caught, "caught": caught, "info": info})
+        if not caught:
+            values = "; ".join(r.describe() for r in results)
+            pytest.fail(f"[{case}] the broken variant passed every gate — the gate cannot fail: {values}", pytrace=False)
+        return results
+
+
+def _numeric(metrics: Mapping[str, object]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@pytest.fixture
+def stage_report(request: pytest.FixtureRequest) -> StageReport:
+    """Record a test's measured metrics, thresholds and verdicts into its stage's JSON report."""
+    return StageReport(request.node)
+
+
+@pytest.fixture(scope="session")
+def run_dir(pytestconfig: pytest.Config) -> Path:
+    """This run's report folder (for artifacts a stage wants to keep beside its JSON)."""
+    return pytestconfig.stash[_RUN_DIR]
+
+
+class _RunCollector:
+    """Controller-side: gathers every test's outcome and records, and writes the run's reports."""
+
+    def __init__(self, config: pytest.Config, run: Path) -> None:
+        self.config = config
+        self.run = run
+        self.tests: dict[str, dict] = {}
+        self.t0 = time.time()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entry = self.tests.setdefault(report.nodeid, {
+            "nodeid": report.nodeid, "stage": stage_of(report.keywords), "outcome": "passed",
+            "duration_s": 0.0, "records": [], "longrepr": None,
+        })
+        entry["duration_s"] += report.duration
+        entry["records"].extend(v for k, v in report.user_properties if k == _RECORD_KEY and v not in entry["records"])
+        if report.skipped and entry["outcome"] == "passed":
+            entry["outcome"] = "skipped"
+            entry["longrepr"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        elif report.failed:
+            entry["outcome"] = "failed" if report.when == "call" else "error"
+            entry["longrepr"] = str(report.longrepr)[-4000:]
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        model = self.config.getoption("--gemma4-model")
+        provenance = collect(REPO, Path(model) if model else _default_model_dir(), self.config.getoption("--gemma4-seed"))
+        tests = list(self.tests.values())
+        summary = {"run_dir": str(self.run), "exit_status": int(exitstatus), "provenance": provenance,
+                   "duration_s": round(time.time() - self.t0, 2), "stages": {}}
+        for stage in STAGES:
+            mine = [t for t in tests if t["stage"] == stage.name]
+            doc = {"stage": stage.name, "marker": stage.marker, "description": stage.description,
+                   "status": _status(mine), "counts": _counts(mine), "provenance": provenance, "tests": mine}
+            write_json(self.run / f"{stage.name}.json", doc)
+            summary["stages"][stage.name] = {"status": doc["status"], "counts": doc["counts"]}
+        other = [t for t in tests if t["stage"] is None]
+        summary["unstaged"] = {"status": _status(other), "counts": _counts(other)}
+        write_json(self.run / "summary.json", summary)
+        write_atomic(self.run / "index.html", render_run(summary, tests))
+        write_atomic(self.run.parent / "LATEST", self.run.name + "\n")
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        terminalreporter.write_line(f"gemma4-support reports: {self.run}")
+
+
+def _default_model_dir() -> Path | None:
+    try:
+        from fixtures.factory import fixture_dir
+
+        return fixture_dir("moe")
+    except Exception:
+        return None
+
+
+def _counts(tests: list[dict]) -> dict[str, int]:
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    for t in tests:
+        counts[t["outcome"]] += 1
+    return counts
+
+
+def _status(tests: list[dict]) -> str:
+    if not tests:
+        return "not_run"
+    outcomes = {t["outcome"] for t in tests}
+    if outcomes & {"failed", "error"}:
+        return "failed"
+    return "skipped" if outcomes == {"skipped"} else "passed"

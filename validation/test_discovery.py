@@ -1,0 +1,212 @@
+"""Stage discovery: a Gemma 4 config read into per-layer geometry and layer families, checked against HF
+transformers' own resolution of the same config, on the fixtures, the real 26B-A4B / 31B shapes and
+non-periodic patterns; bad configs give one readable error naming the field."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixtures.configs import multimodal_wrapper, real_config
+from gemma4_support.config.families import discover, truncate_config
+from gemma4_support.config.spec import FULL, SLIDING, ModelSpec, load_spec, read_config
+from gemma4_support.errors import ConfigError, UnsupportedVariantError
+from validation.thresholds import DISCOVERY_AGREEMENT
+
+pytestmark = pytest.mark.stage_discovery
+
+
+def hf_layers(config: dict) -> list[tuple[str, int, int]]:
+    """HF transformers' resolution of (layer type, head dim, kv heads) per layer."""
+    import transformers
+    from transformers import Gemma4TextConfig
+
+    transformers.logging.set_verbosity_error()
+    text = config["text_config"] if config.get("model_type") == "gemma4" else config
+    hf = Gemma4TextConfig(**{k: v for k, v in text.items() if k not in ("model_type", "architectures")})
+    return [(t, hf.per_layer_config[i].head_dim, hf.per_layer_config[i].num_key_value_heads)
+            for i, t in enumerate(hf.layer_types)]
+
+
+def agreement(spec: ModelSpec, config: dict) -> dict[str, float]:
+    """How many layers our spec resolves differently from HF (type, head dim, kv heads, window)."""
+    ref = hf_layers(config)
+    ours = [(layer.layer_type, layer.head_dim, layer.num_kv_heads) for layer in spec.layers]
+    window_errors = sum(
+        (layer.window != spec.sliding_window) if layer.is_sliding else (layer.window is not None) for layer in spec.layers)
+    return {
+        "layers": float(len(ref)),
+        "layer_count_diff": float(abs(len(ref) - len(ours))),
+        "type_mismatches": float(sum(a[0] != b[0] for a, b in zip(ref, ours))),
+        "geometry_mismatches": float(sum(a[1:] != b[1:] for a, b in zip(ref, ours))),
+        "window_errors": float(window_errors),
+    }
+
+
+def expected_families(layer_types: list[str], mlp: str) -> dict[str, int]:
+    """Brute-force first index per family, straight from a resolved layer_types list."""
+    out = {}
+    for t in (SLIDING, FULL):
+        if t in layer_types:
+            out[t] = layer_types.index(t)
+    out[f"{mlp}_mlp"] = 0
+    return out
+
+
+@pytest.mark.parametrize("variant", ["moe", "dense"])
+def test_fixture_discovery(variant, stage_report):
+    from fixtures.factory import fixture_dir
+
+    path = fixture_dir(variant)
+    config, _ = read_config(path)
+    spec = load_spec(path)
+    found = discover(spec)
+    stage_report.check(f"fixture/{variant}", agreement(spec, config), DISCOVERY_AGREEMENT,
+                       discovery=found.to_dict(), layer_types=spec.layer_types)
+    assert {f.name: f.first_index for f in found.families} == expected_families(spec.layer_types, spec.layers[0].mlp)
+    assert found.covering_depth == 6 and found.truncation_depth == 6
+    assert (spec.moe is not None) == (variant == "moe")
+    assert any(layer.k_eq_v for layer in spec.layers) and not any(l.k_eq_v for l in spec.layers if l.is_sliding)
+
+
+def test_model_under_test(gemma4_model_dir, model_spec, stage_report):
+    config, _ = read_config(gemma4_model_dir)
+    found = discover(model_spec)
+    stage_report.check(f"model/{gemma4_model_dir.name}", agreement(model_spec, config), DISCOVERY_AGREEMENT,
+                       discovery=found.to_dict(), max_sequence_length=model_spec.max_sequence_length)
+
+
+@pytest.mark.parametrize("name,mlp,full_kv", [("26B-A4B", "moe", 2), ("31B", "dense", 4)])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_real_shapes(name, mlp, full_kv, wrapped, stage_report):
+    config = real_config(name)
+    if wrapped:
+        config = multimodal_wrapper(config)
+    spec = load_spec(config)
+    found = discover(spec)
+    stage_report.check(f"real/{name}{'/wrapped' if wrapped else ''}", agreement(spec, config), DISCOVERY_AGREEMENT,
+                       discovery=found.to_dict())
+    assert spec.wrapped == wrapped
+    assert {f.name: f.first_index for f in found.families} == {SLIDING: 0, FULL: 5, f"{mlp}_mlp": 0}
+    assert found.covering_depth == found.truncation_depth == 6
+    full = spec.layers[5]
+    assert (full.head_dim, full.num_kv_heads, full.k_eq_v, full.window) == (512, full_kv, True, None)
+    assert full.rope.rope_type == "proportional" and full.rope.partial_rotary_factor == 0.25 and full.rope.theta == 1e6
+    assert spec.layers[0].window == 1024 and spec.layers[0].head_dim == 256 and spec.layers[0].rope.theta == 1e4
+    assert spec.max_sequence_length == 262_144
+
+
+def _with_types(types: list[str]) -> dict:
+    config = real_config("26B-A4B")
+    config.update(num_hidden_layers=len(types), layer_types=types)
+    return config
+
+
+S, F = SLIDING, FULL
+
+
+@pytest.mark.parametrize("types,first_full,covering,truncation,note", [
+    ([S, S, F, F], 2, 3, 3, False),          # not periodic
+    ([F, S, S, S, S, F], 0, 2, 6, False),    # full first: the 2-layer cut would end on a sliding layer
+    ([S, S, S, S, S, S], 5, 6, 6, True),     # all sliding: HF forces the last layer to full
+    ([S, F, S, F, S, F, S, F], 1, 2, 2, False),
+])
+def test_non_periodic_patterns(types, first_full, covering, truncation, note, stage_report):
+    config = _with_types(types)
+    spec = load_spec(config)
+    found = discover(spec)
+    stage_report.check(f"pattern/{''.join(t[0] for t in types)}", agreement(spec, config), DISCOVERY_AGREEMENT,
+                       discovery=found.to_dict())
+    assert found.family(FULL).first_index == first_full
+    assert (found.covering_depth, found.truncation_depth) == (covering, truncation)
+    assert bool(spec.notes) == note
+    cut = load_spec(truncate_config(config, found.truncation_depth))
+    assert cut.layer_types == spec.layer_types[:truncation]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([S, F]), min_size=1, max_size=14))
+def test_random_patterns_match_hf(types):
+    config = _with_types(list(types))
+    spec = load_spec(config)
+    m = agreement(spec, config)
+    assert m["type_mismatches"] == m["geometry_mismatches"] == m["window_errors"] == m["layer_count_diff"] == 0
+    resolved = spec.layer_types
+    found = discover(spec)
+    assert {f.name: f.first_index for f in found.families} == expected_families(resolved, "moe")
+    assert resolved[found.truncation_depth - 1] == FULL
+    assert found.covering_depth == max(expected_families(resolved, "moe").values()) + 1
+
+
+def test_sensitivity_periodic_assumption_is_caught(stage_report):
+    """A reader that assumes the 5:1 period instead of reading layer_types must fail the agreement gate."""
+    config = _with_types([S, S, F, F, S, F])
+    spec = load_spec(config)
+    periodic = [dataclasses.replace(layer, layer_type=F if (i + 1) % 6 == 0 else S,
+                                    window=None if (i + 1) % 6 == 0 else spec.sliding_window)
+                for i, layer in enumerate(spec.layers)]
+    broken = dataclasses.replace(spec, layers=tuple(periodic))
+    stage_report.expect_caught("sensitivity/periodic-assumption", agreement(broken, config), DISCOVERY_AGREEMENT)
+
+
+def test_sensitivity_global_geometry_on_sliding_is_caught(stage_report):
+    """Giving sliding layers the global head dim (a per-layer geometry mix-up) must fail the gate."""
+    config = real_config("26B-A4B")
+    spec = load_spec(config)
+    broken = dataclasses.replace(spec, layers=tuple(
+        dataclasses.replace(l, head_dim=512) if l.index == 0 else l for l in spec.layers))
+    stage_report.expect_caught("sensitivity/sliding-with-global-head-dim", agreement(broken, config), DISCOVERY_AGREEMENT)
+
+
+def _bad(**changes) -> dict:
+    config = real_config("26B-A4B")
+    for key, value in changes.items():
+        if value is _DROP:
+            config.pop(key)
+        else:
+            config[key] = value
+    return config
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("config,error,field", [
+    (_bad(hidden_size_per_layer_input=256), UnsupportedVariantError, "hidden_size_per_layer_input"),
+    (_bad(hidden_size_per_layer_input=_DROP), UnsupportedVariantError, "hidden_size_per_layer_input"),
+    (_bad(num_kv_shared_layers=10), UnsupportedVariantError, "num_kv_shared_layers"),
+    (_bad(use_bidirectional_attention="all"), UnsupportedVariantError, "use_bidirectional_attention"),
+    (_bad(layer_types=[S] * 29), ConfigError, "layer_types"),
+    (_bad(layer_types=[S] * 29 + ["chunked_attention"]), ConfigError, "layer_types"),
+    (_bad(model_type="gemma3_text"), ConfigError, "model_type"),
+    (_bad(hidden_size=_DROP), ConfigError, "hidden_size"),
+    (_bad(head_dim=0), ConfigError, "head_dim"),
+    (_bad(num_experts=None), ConfigError, "num_experts"),
+    (_bad(top_k_experts=500), ConfigError, "top_k_experts"),
+    (_bad(per_layer_config={"x": {}}), ConfigError, "per_layer_config"),
+    (_bad(rope_parameters={"sliding_attention": {"rope_theta": 1.0}}), ConfigError, "rope_parameters"),
+    ({"model_type": "gemma4"}, ConfigError, "text_config"),
+])
+def test_bad_configs_give_one_clear_line(config, error, field):
+    with pytest.raises(error) as info:
+        load_spec(config)
+    message = str(info.value)
+    assert field in message and "fix:" in message and "\n" not in message
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="no Gemma 4 config"):
+        load_spec(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_spec(tmp_path)
+
+
+def test_truncation_refuses_to_end_on_sliding():
+    with pytest.raises(ConfigError, match="truncation_depth"):
+        truncate_config(real_config("26B-A4B"), 3)
+    cut = truncate_config(multimodal_wrapper(real_config("26B-A4B")), 6)
+    assert load_spec(cut).num_layers == 6 and json.dumps(cut)
