@@ -125,3 +125,21 @@ def named_tensor_metrics(
     per = {name: tensor_diff(reference[name], candidate[name])["rel_l2"] for name in sorted(reference)}
     worst = max(per, key=lambda n: per[n]) if per else ""
     return {"max_rel_l2": per[worst] if per else 0.0, "worst": worst, "per_tensor_rel_l2": per}
+
+
+def routing_agreement(
+    reference_weights: torch.Tensor,
+    reference_indices: torch.Tensor,
+    candidate_weights: torch.Tensor,
+    candidate_indices: torch.Tensor,
+) -> dict[str, float]:
+    """MoE routing agreement over [tokens, k] top-k choices: fraction of (token, slot) choosing a different
+    expert, and max abs routing-weight difference where the chosen expert agrees."""
+    if reference_indices.shape != candidate_indices.shape:
+        raise ValueError(f"routing shape mismatch: {tuple(reference_indices.shape)} vs {tuple(candidate_indices.shape)}")
+    same = reference_indices == candidate_indices
+    diff = (reference_weights.detach().to(torch.float64) - candidate_weights.detach().to(torch.float64)).abs()[same]
+    return {
+        "router_index_mismatch_frac": 1.0 - same.to(torch.float64).mean().item() if same.numel() else 0.0,
+        "router_weight_max_abs": diff.max().item() if diff.numel() else 0.0,
+    }

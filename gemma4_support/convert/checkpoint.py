@@ -1,0 +1,269 @@
+"""Lazy safetensors reading and writing, and the two directions of conversion driven by `mapping.TABLE`.
+
+Every checkpoint tensor is accounted for: converted by a table row, or declared out of the text model
+(multimodal towers), beyond a truncation depth, or a tied duplicate of the embedding. Anything else, any
+missing tensor and any shape that disagrees with the config raises CheckpointError naming the tensor and
+both shapes. Nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gemma4_support.config.spec import ModelSpec
+from gemma4_support.convert.mapping import NON_TEXT_PREFIXES, Entry, entries, hf_prefix
+from gemma4_support.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class HFCheckpoint:
+    """An HF safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.directory / file for name, file in weight_map.items()}
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"no *.safetensors files in {self.directory}",
+                                      "point at an HF checkpoint directory saved with safetensors")
+            self._file_of = {}
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    self._file_of.update({name: file for name in handle.keys()})
+        self._handles: dict[Path, object] = {}
+
+    def _handle(self, name: str):
+        try:
+            file = self._file_of[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name} is not in {self.directory}", "check the checkpoint") from None
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint."""
+        return sorted(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading its data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor."""
+        return self._handle(name).get_tensor(name)
+
+
+class TensorDict:
+    """An in-memory name -> tensor mapping with the same interface as HFCheckpoint."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def names(self) -> list[str]:
+        """Every tensor name."""
+        return sorted(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape."""
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor."""
+        return self._tensors[name]
+
+
+Source = HFCheckpoint | TensorDict
+
+
+def as_source(source: Source | Mapping[str, torch.Tensor] | str | Path) -> Source:
+    """A checkpoint directory, an in-memory state dict, or an existing source, as a Source."""
+    if isinstance(source, (HFCheckpoint, TensorDict)):
+        return source
+    if isinstance(source, (str, Path)):
+        return HFCheckpoint(source)
+    return TensorDict(source)
+
+
+@dataclass
+class Accounting:
+    """How every HF tensor of a checkpoint was accounted for."""
+
+    converted: list[str] = field(default_factory=list)
+    non_text: list[str] = field(default_factory=list)  # multimodal towers: not part of the text model
+    beyond_depth: list[str] = field(default_factory=list)  # layers cut off by truncation
+    tied_duplicates: list[str] = field(default_factory=list)  # lm_head.weight equal to the tied embedding
+
+    def to_dict(self) -> dict[str, int]:
+        """Counts per category (JSON-ready)."""
+        return {k: len(v) for k, v in self.__dict__.items()}
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def check_hf(source: Source, spec: ModelSpec) -> tuple[list[Entry], Accounting]:
+    """Validate a checkpoint against the table for `spec`: unknown, missing or mis-shaped tensors raise."""
+    table = entries(spec)
+    expected = {name: shape for e in table for name, shape in zip(e.hf, e.hf_shapes)}
+    layer_re = re.compile(re.escape(hf_prefix(spec)) + r"layers\.(\d+)\.")
+    acc = Accounting()
+    unknown = []
+    for name in source.names():
+        if name in expected:
+            got = source.shape(name)
+            if got != expected[name]:
+                raise CheckpointError(
+                    f"tensor {name} has shape {_fmt(got)} in the checkpoint but the config implies {_fmt(expected[name])}",
+                    "the checkpoint and its config.json disagree: re-save them together",
+                )
+            acc.converted.append(name)
+        elif name.startswith(NON_TEXT_PREFIXES):
+            acc.non_text.append(name)
+        elif (m := layer_re.match(name)) and int(m.group(1)) >= spec.num_layers:
+            acc.beyond_depth.append(name)
+        elif name == "lm_head.weight" and spec.tie_word_embeddings:
+            embed = hf_prefix(spec) + "embed_tokens.weight"
+            if embed not in expected or not torch.equal(source.get(name), source.get(embed)):
+                raise CheckpointError(f"tensor lm_head.weight {_fmt(source.shape(name))} differs from {embed} but the "
+                                      "config ties the output layer to the embedding",
+                                      "set tie_word_embeddings: false in config.json, or drop lm_head.weight")
+            acc.tied_duplicates.append(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        shown = ", ".join(f"{n} {_fmt(source.shape(n))}" for n in unknown[:6])
+        more = f" (+{len(unknown) - 6} more)" if len(unknown) > 6 else ""
+        raise CheckpointError(f"unknown tensor(s) in the checkpoint, not in the Gemma 4 table: {shown}{more}",
+                              "this is not a supported Gemma 4 text checkpoint, or its config does not match it")
+    have = set(acc.converted)
+    missing = [(n, s) for n, s in expected.items() if n not in have]
+    if missing:
+        shown = ", ".join(f"{n} (expected {_fmt(s)})" for n, s in missing[:6])
+        more = f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""
+        raise CheckpointError(f"missing tensor(s) in the checkpoint: {shown}{more}",
+                              "the checkpoint is incomplete or its config describes a different model")
+    return table, acc
+
+
+def _apply(entry: Entry, tensors: list[torch.Tensor], to_megatron: bool, spec: ModelSpec) -> list[torch.Tensor]:
+    fn = entry.transform.to_megatron if to_megatron else entry.transform.to_hf
+    try:
+        return fn(tensors, spec, entry.layer)
+    except RuntimeError as exc:
+        names = entry.hf if to_megatron else entry.megatron
+        shapes = ", ".join(f"{n} {_fmt(tuple(t.shape))}" for n, t in zip(names, tensors))
+        raise CheckpointError(f"cannot apply '{entry.transform.name}' to {shapes}: {exc}",
+                              "the tensors do not match the config's geometry") from None
+
+
+def iter_hf_to_megatron(source: Source | Mapping[str, torch.Tensor] | str | Path, spec: ModelSpec
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Validate, then yield (Megatron name, tensor) one table row at a time (reads lazily)."""
+    source = as_source(source)
+    table, _ = check_hf(source, spec)
+    for entry in table:
+        out = _apply(entry, [source.get(n) for n in entry.hf], True, spec)
+        yield from zip(entry.megatron, out)
+
+
+def hf_to_megatron(source: Source | Mapping[str, torch.Tensor] | str | Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """HF checkpoint (dir or state dict) -> Megatron state dict (full tensors, tensor parallel size 1)."""
+    return dict(iter_hf_to_megatron(source, spec))
+
+
+def tensor_state(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """A Megatron state dict without its `._extra_state` entries (megatron's local linears keep None there)."""
+    return {k: v for k, v in state.items() if not k.endswith("._extra_state")}
+
+
+def megatron_to_hf(state: Mapping[str, torch.Tensor], spec: ModelSpec, *, allow_absent_rows: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """Megatron state dict -> HF tensors. `allow_absent_rows` (for gradients): a row whose Megatron tensors are
+    all absent (buffers such as layer_scalar have no gradient) is left out; a partly present row still raises."""
+    state = tensor_state(state)
+    table = entries(spec)
+    known = {name for e in table for name in e.megatron}
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise CheckpointError(f"unknown Megatron tensor(s), not in the Gemma 4 table: {unknown[:6]}",
+                              "convert a Gemma 4 model built by gemma4_support.model")
+    out: dict[str, torch.Tensor] = {}
+    for entry in table:
+        present = [n for n in entry.megatron if n in state]
+        if not present and allow_absent_rows:
+            continue
+        if len(present) != len(entry.megatron):
+            missing = [n for n in entry.megatron if n not in state]
+            raise CheckpointError(f"missing Megatron tensor(s) {missing[:6]} (HF {', '.join(entry.hf)})",
+                                  "pass the model's complete state dict")
+        converted = _apply(entry, [state[n] for n in entry.megatron], False, spec)
+        for name, tensor, shape in zip(entry.hf, converted, entry.hf_shapes):
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(f"tensor {name} comes out with shape {_fmt(tuple(tensor.shape))} but the config "
+                                      f"implies {_fmt(shape)}", "the Megatron state does not match this spec")
+            out[name] = tensor
+    return out
+
+
+def load_hf_weights(model: torch.nn.Module, source: Source | Mapping[str, torch.Tensor] | str | Path) -> Accounting:
+    """Copy an HF checkpoint into a built Gemma4Model, row by row (cast to the model's dtype and device)."""
+    spec = model.spec
+    source = as_source(source)
+    _, acc = check_hf(source, spec)
+    targets = tensor_state(model.state_dict(keep_vars=True))
+    table_names = {name for e in entries(spec) for name in e.megatron}
+    if set(targets) != table_names:
+        raise CheckpointError(f"the model's tensors and the table disagree: model-only {sorted(set(targets) - table_names)[:6]}, "
+                              f"table-only {sorted(table_names - set(targets))[:6]}", "fix gemma4_support.convert.mapping")
+    with torch.no_grad():
+        for name, tensor in iter_hf_to_megatron(source, spec):
+            target = targets[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"tensor {name} is {_fmt(tuple(tensor.shape))} after conversion but the model "
+                                      f"holds {_fmt(tuple(target.shape))}", "the model was built for another config")
+            target.copy_(tensor)
+    return acc
+
+
+def save_hf_checkpoint(state: Mapping[str, torch.Tensor], spec: ModelSpec, directory: str | Path,
+                       config: Mapping | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """Write a Megatron state dict as an HF safetensors checkpoint (sharded with an index when large)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in megatron_to_hf(state, spec).items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+    return out

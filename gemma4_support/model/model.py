@@ -1,0 +1,93 @@
+"""The Gemma 4 causal LM on megatron-core: scaled tied embeddings, decoder layers, final norm, softcapped logits.
+
+Forward takes explicit `position_ids` and `document_ids` [b, s], so packed rows (several documents in one
+row, positions restarting per document) attend only within their document, with windows measured in
+positions. Masks are prepared once per distinct window BEFORE the layers (`prepare_masks`, default dense
+masks) and each layer looks its own up by its window (None = global). The attend step is a hook
+(`set_attend`) so context parallelism can replace it; mask preparation is a hook too (`prepare_masks`).
+Megatron layout inside: [s, b, h]; logits come back batch-first [b, s, vocab] like GPTModel's.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from gemma4_support.attention import core
+from gemma4_support.attention.masks import PreparedMasks, prepare_dense_masks
+from gemma4_support.config.spec import ModelSpec
+from gemma4_support.model.attention import AttendFn
+from gemma4_support.model.config import layer_config
+from gemma4_support.model.layer import Gemma4DecoderLayer
+from gemma4_support.model.norm import Gemma4RMSNorm
+from gemma4_support.model.rope import RotaryPair
+
+
+class Gemma4Embedding(nn.Module):
+    """Token embedding x sqrt(hidden) (the scale cast to the weight dtype, as HF does)."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, init_method=config.init_method,
+                                                      config=config, tp_group=parallel_state.get_tensor_model_parallel_group())
+        self.scale = config.hidden_size ** 0.5
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s] -> embeddings [s, b, h]."""
+        emb = self.word_embeddings(input_ids)
+        emb = emb * torch.tensor(self.scale, dtype=torch.float32, device=emb.device).to(emb.dtype)
+        return emb.transpose(0, 1).contiguous()
+
+
+class Gemma4Decoder(MegatronModule):
+    """The stack of decoder layers and the final RMSNorm."""
+
+    def __init__(self, config: TransformerConfig, spec: ModelSpec, attend: AttendFn, tp_size: int) -> None:
+        super().__init__(config=config)
+        self.layers = nn.ModuleList(
+            Gemma4DecoderLayer(layer_config(config, layer), layer, attend, tp_size) for layer in spec.layers
+        )
+        self.final_layernorm = Gemma4RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype=config.params_dtype)
+
+
+class Gemma4Model(MegatronModule):
+    """Gemma 4 text model (causal LM) built from megatron-core modules."""
+
+    def __init__(self, config: TransformerConfig, spec: ModelSpec, attend: AttendFn = core.attend, tp_size: int = 1) -> None:
+        super().__init__(config=config)
+        self.spec = spec
+        self.embedding = Gemma4Embedding(config, spec.vocab_size)
+        self.rotary = RotaryPair(spec)
+        self.decoder = Gemma4Decoder(config, spec, attend, tp_size)
+        self.output_layer = ColumnParallelLinear(
+            config.hidden_size, spec.vocab_size, config=config, init_method=config.init_method, bias=False,
+            gather_output=True, skip_weight_param_allocation=spec.tie_word_embeddings,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
+        self.softcap = spec.final_logit_softcapping
+        self.windows = sorted({layer.window for layer in spec.layers}, key=lambda w: (w is None, w or 0))
+        self.prepare_masks = prepare_dense_masks
+
+    def set_attend(self, attend: AttendFn) -> None:
+        """Route every layer's attend step through `attend` (see gemma4_support.attention.core)."""
+        for layer in self.decoder.layers:
+            layer.self_attention.attend = attend
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
+                masks: PreparedMasks | None = None) -> torch.Tensor:
+        """input/position/document ids [b, s] -> logits [b, s, vocab] (softcapped)."""
+        if masks is None:
+            masks = self.prepare_masks(position_ids, document_ids, self.windows)
+        rotary = self.rotary(position_ids)
+        hidden = self.embedding(input_ids)
+        for layer in self.decoder.layers:
+            hidden = layer(hidden, rotary[layer.layer.layer_type], masks.lookup(layer.window))
+        hidden = self.decoder.final_layernorm(hidden)
+        weight = self.embedding.word_embeddings.weight if self.spec.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.transpose(0, 1).contiguous()

@@ -1,0 +1,185 @@
+"""HF transformers vs megatron-core Gemma 4 on the same tokens: inputs, the two sides, and the metrics.
+
+The HF reference (`Gemma4ForCausalLM`, eager attention) runs every document of a packed row alone
+(positions restart at 0) and its logits are concatenated; the Megatron model runs the packed row once with
+position_ids / document_ids. Labels are the next token within each document; the last token of each
+document has no label. Loss = mean token cross entropy over labelled positions (fp32) on both sides.
+Megatron gradients are mapped to HF names through the same table as the weights (`convert.mapping`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gemma4_support.convert.checkpoint import megatron_to_hf
+from gemma4_support.metrics import logprob_metrics, named_tensor_metrics, routing_agreement
+
+
+@dataclass
+class Batch:
+    """One row of (possibly packed) documents: ids, positions, document ids, labels and label validity [1, S]."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    doc_lengths: tuple[int, ...]
+
+    def to(self, device: str | torch.device) -> "Batch":
+        """The batch on `device`."""
+        return Batch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.document_ids, self.labels,
+                                                self.valid)), self.doc_lengths)
+
+
+def make_batch(doc_lengths: tuple[int, ...], vocab_size: int, seed: int, low: int = 0) -> Batch:
+    """A deterministic random row packing documents of the given lengths (token ids in [low, vocab))."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(doc_lengths)
+    ids = torch.randint(low, vocab_size, (1, total), generator=gen)
+    pos = torch.cat([torch.arange(n) for n in doc_lengths])[None]
+    doc = torch.cat([torch.full((n,), k) for k, n in enumerate(doc_lengths)])[None]
+    labels = torch.roll(ids, -1, dims=1)
+    valid = torch.roll(doc, -1, dims=1) == doc
+    valid[:, -1] = False
+    return Batch(ids, pos, doc, labels.masked_fill(~valid, 0), valid, tuple(doc_lengths))
+
+
+def packed_lengths(total: int, window: int) -> tuple[int, ...]:
+    """Three documents filling `total` tokens, boundaries off window multiples (each > window when possible)."""
+    first = int(total * 0.42) | 1
+    second = int(total * 0.33)
+    if second % window == 0:
+        second += 1
+    return first, second, total - first - second
+
+
+def token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean cross entropy over labelled positions (computed in fp32)."""
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")
+    mask = batch.valid.reshape(-1)
+    return flat[mask].sum() / mask.sum()
+
+
+@dataclass
+class SideResult:
+    """What one implementation produced for a batch."""
+
+    logits: torch.Tensor  # [1, S, V], detached
+    loss: float | None = None
+    grads: dict[str, torch.Tensor] | None = None  # HF names
+    routing: "RoutingCapture | None" = None  # router outputs per layer (MoE models)
+
+
+def hf_side(hf_model: torch.nn.Module, batch: Batch, backward: bool) -> SideResult:
+    """HF reference: every document alone, logits concatenated; optional loss/backward over the whole row."""
+    hf_model.zero_grad(set_to_none=True)
+    pieces, start = [], 0
+    with torch.set_grad_enabled(backward), RoutingCapture(hf_model) as routing:
+        for n in batch.doc_lengths:
+            pieces.append(hf_model(input_ids=batch.input_ids[:, start:start + n], use_cache=False).logits)
+            start += n
+        logits = torch.cat(pieces, dim=1)
+        if not backward:
+            return SideResult(logits.detach(), routing=routing)
+        loss = token_loss(logits, batch)
+        loss.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+             for name, p in hf_model.named_parameters() if p.requires_grad}
+    return SideResult(logits.detach(), loss.item(), grads, routing)
+
+
+def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool) -> SideResult:
+    """Megatron candidate: the packed row in one forward with position/document ids."""
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(backward), RoutingCapture(model) as routing:
+        logits = model(batch.input_ids, batch.position_ids, batch.document_ids)
+        if not backward:
+            return SideResult(logits.detach(), routing=routing)
+        loss = token_loss(logits, batch)
+        loss.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+             for name, p in model.named_parameters() if p.requires_grad}
+    return SideResult(logits.detach(), loss.item(), megatron_to_hf(grads, model.spec, allow_absent_rows=True), routing)
+
+
+def forward_metrics(ref: SideResult, cand: SideResult, batch: Batch) -> dict[str, float]:
+    """Log-prob metrics at every labelled position (label log-probs and full-distribution KL(HF || Megatron)),
+    plus routing agreement on MoE models."""
+    out = logprob_metrics(ref.logits[0], cand.logits[0], batch.labels[0], batch.valid[0])
+    if ref.routing is not None and ref.routing.calls:
+        out.update(routing_metrics(ref.routing, cand.routing))
+    return out
+
+
+def backward_metrics(ref: SideResult, cand: SideResult) -> dict[str, object]:
+    """Loss relative difference and per-tensor gradient rel-L2 (worst tensor named)."""
+    grads = named_tensor_metrics(ref.grads, cand.grads)
+    return {
+        "loss_hf": ref.loss, "loss_megatron": cand.loss,
+        "loss_rel_diff": abs(cand.loss - ref.loss) / abs(ref.loss),
+        "max_rel_l2": grads["max_rel_l2"], "worst": grads["worst"],
+        "per_tensor_rel_l2": grads["per_tensor_rel_l2"],
+    }
+
+
+def load_hf_reference(hf_dir: str, depth: int | None = None, *, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> torch.nn.Module:
+    """HF `Gemma4ForCausalLM` (eager attention, eager experts) from a text checkpoint, cut to `depth` layers."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    from gemma4_support.config.families import truncate_config
+    from gemma4_support.config.spec import read_config
+
+    raw, _ = read_config(hf_dir)
+    if depth is not None:
+        raw = truncate_config(raw, depth)
+    config = Gemma4TextConfig.from_dict({k: v for k, v in raw.items() if k != "dtype"})
+    model = Gemma4ForCausalLM.from_pretrained(hf_dir, config=config, attn_implementation="eager",
+                                              experts_implementation="eager", dtype=dtype)
+    return model.to(device).train()
+
+
+class RoutingCapture:
+    """Records every router call's (weights, indices) per layer index, HF or Megatron, while active."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = []
+
+    def __enter__(self) -> "RoutingCapture":
+        routers = [(n, m) for n, m in self.model.named_modules() if type(m).__name__ in ("Gemma4TextRouter", "Gemma4Router")]
+        for name, module in routers:
+            index = int(name.split("layers.")[1].split(".")[0])
+            self._handles.append(module.register_forward_hook(self._hook(index)))
+        return self
+
+    def _hook(self, index: int):
+        def hook(module, args, output):
+            weights, indices = output[-2:]  # HF returns (probs, weights, indices); Megatron (weights, indices)
+            self.calls.setdefault(index, []).append((weights.detach().float().reshape(-1, weights.shape[-1]),
+                                                     indices.detach().reshape(-1, indices.shape[-1])))
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def per_layer(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (weights [T, k], indices [T, k])}, calls concatenated in order (= packed token order)."""
+        return {i: (torch.cat([w for w, _ in calls]), torch.cat([x for _, x in calls])) for i, calls in self.calls.items()}
+
+
+def routing_metrics(ref: RoutingCapture, cand: RoutingCapture) -> dict[str, float | str]:
+    """Routing agreement of the worst layer (expert choices and, where they agree, weights), layer named."""
+    ref_layers, cand_layers = ref.per_layer(), cand.per_layer()
+    worst: dict[str, float | str] = {"router_index_mismatch_frac": 0.0, "router_weight_max_abs": 0.0, "router_worst_layer": ""}
+    for i in sorted(ref_layers):
+        m = routing_agreement(*ref_layers[i], *cand_layers[i])
+        key = (m["router_index_mismatch_frac"], m["router_weight_max_abs"])
+        if key >= (worst["router_index_mismatch_frac"], worst["router_weight_max_abs"]):
+            worst = {**m, "router_worst_layer": str(i)}
+    return worst

@@ -1,0 +1,39 @@
+"""The Gemma 4 router: scale-free RMSNorm of the residual, x learned `scale` x hidden^-0.5, linear to E
+logits, softmax over all experts in fp32, top-k, renormalise the k weights to sum 1, x per_expert_scale[idx].
+No auxiliary loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from gemma4_support.model.norm import Gemma4RMSNorm
+
+
+def route(logits: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] fp32, expert indices [T, k])."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, indices = torch.topk(probs, k=top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights * per_expert_scale[indices]
+    return weights, indices
+
+
+class Gemma4Router(MegatronModule):
+    """Routes tokens of the residual stream to experts (weights replicated across tensor parallel ranks)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config=config)
+        hidden, experts = config.hidden_size, config.num_moe_experts
+        self.top_k = config.moe_router_topk
+        self.root_size = hidden ** -0.5
+        self.norm = Gemma4RMSNorm(hidden, config.layernorm_epsilon, with_scale=False)
+        self.weight = torch.nn.Parameter(torch.empty(experts, hidden, dtype=config.params_dtype))
+        self.scale = torch.nn.Parameter(torch.ones(hidden, dtype=config.params_dtype))
+        self.per_expert_scale = torch.nn.Parameter(torch.ones(experts, dtype=config.params_dtype))
+
+    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual [T, h] -> (weights [T, k], indices [T, k])."""
+        x = self.norm(residual) * self.scale * self.root_size
+        return route(F.linear(x, self.weight), self.top_k, self.per_expert_scale)
