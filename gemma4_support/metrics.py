@@ -132,14 +132,31 @@ def routing_agreement(
     reference_indices: torch.Tensor,
     candidate_weights: torch.Tensor,
     candidate_indices: torch.Tensor,
+    reference_probs: torch.Tensor | None = None,
+    tie_margin: float = 0.0,
 ) -> dict[str, float]:
-    """MoE routing agreement over [tokens, k] top-k choices: fraction of (token, slot) choosing a different
-    expert, and max abs routing-weight difference where the chosen expert agrees."""
+    """MoE routing agreement over [tokens, k] top-k choices, compared as expert sets per token.
+
+    router_token_mismatch_frac: tokens whose chosen expert set differs; router_decisive_mismatch_frac: of
+    those, the ones where the reference's k-th and (k+1)-th probabilities are more than `tie_margin` apart
+    (a flip there is a bug, not rounding); router_weight_max_abs: routing weights, where the sets agree.
+    """
     if reference_indices.shape != candidate_indices.shape:
         raise ValueError(f"routing shape mismatch: {tuple(reference_indices.shape)} vs {tuple(candidate_indices.shape)}")
-    same = reference_indices == candidate_indices
-    diff = (reference_weights.detach().to(torch.float64) - candidate_weights.detach().to(torch.float64)).abs()[same]
+    if reference_indices.numel() == 0:
+        return {"router_token_mismatch_frac": 0.0, "router_decisive_mismatch_frac": 0.0, "router_weight_max_abs": 0.0}
+    ref_idx, ref_order = reference_indices.sort(dim=-1)
+    cand_idx, cand_order = candidate_indices.sort(dim=-1)
+    differs = (ref_idx != cand_idx).any(dim=-1)
+    if reference_probs is not None and reference_probs.shape[-1] > reference_indices.shape[-1]:
+        top = reference_probs.detach().to(torch.float64).topk(reference_indices.shape[-1] + 1, dim=-1).values
+        decisive = differs & ((top[:, -2] - top[:, -1]) > tie_margin)
+    else:
+        decisive = differs
+    ref_w = reference_weights.detach().to(torch.float64).gather(-1, ref_order)[~differs]
+    cand_w = candidate_weights.detach().to(torch.float64).gather(-1, cand_order)[~differs]
     return {
-        "router_index_mismatch_frac": 1.0 - same.to(torch.float64).mean().item() if same.numel() else 0.0,
-        "router_weight_max_abs": diff.max().item() if diff.numel() else 0.0,
+        "router_token_mismatch_frac": differs.to(torch.float64).mean().item(),
+        "router_decisive_mismatch_frac": decisive.to(torch.float64).mean().item(),
+        "router_weight_max_abs": (ref_w - cand_w).abs().max().item() if ref_w.numel() else 0.0,
     }

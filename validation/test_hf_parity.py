@@ -30,7 +30,7 @@ from gemma4_support.model.parity import (
     Batch, backward_metrics, forward_metrics, hf_side, load_hf_reference, make_batch, megatron_side, packed_lengths,
 )
 from validation.thresholds import (
-    HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32,
+    HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32, ROUTER_TIE_MARGIN,
 )
 
 pytestmark = pytest.mark.stage_hf_parity
@@ -64,7 +64,7 @@ class Subject:
         """The single-sequence or packed input row."""
         n, w = self.seq_len, self.spec.sliding_window
         lengths = (n,) if layout == "single" else packed_lengths(n, w)
-        return make_batch(lengths, self.spec.vocab_size, seed)
+        return make_batch(lengths, self.spec.vocab_size, seed, pad_id=self.spec.pad_token_id)
 
     def info(self, batch: Batch) -> dict:
         """Facts recorded next to the metrics."""
@@ -121,8 +121,8 @@ def test_forward_parity(model_id: str, layout: str, stage_report, pytestconfig, 
     """Log-probs at every labelled position: max/mean abs difference, mean-abs-% and KL(HF || Megatron)."""
     subject = subject_for(model_id, pytestconfig)
     batch, ref = hf_forward(subject.hf_dir, subject.depth, layout, gemma4_seed, subject.seq_len)
-    cand = megatron_side(megatron_for(subject), batch, backward=False)
-    stage_report.check(f"{model_id}/{layout}/forward_fp32", forward_metrics(ref, cand, batch),
+    cand = megatron_side(megatron_for(subject), batch, backward=False, replay=ref.routing)
+    stage_report.check(f"{model_id}/{layout}/forward_fp32", forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN),
                        forward_gates(subject.spec), **subject.info(batch))
 
 
@@ -132,7 +132,7 @@ def test_backward_parity(model_id: str, layout: str, stage_report, pytestconfig,
     subject = subject_for(model_id, pytestconfig)
     batch = subject.batch(layout, gemma4_seed)
     ref = hf_side(hf_reference(subject.hf_dir, subject.depth), batch, backward=True)
-    cand = megatron_side(megatron_for(subject), batch, backward=True)
+    cand = megatron_side(megatron_for(subject), batch, backward=True, replay=ref.routing)
     metrics = backward_metrics(ref, cand)
     per_tensor = metrics.pop("per_tensor_rel_l2")
     stage_report.check(f"{model_id}/{layout}/backward_fp32", metrics, HF_PARITY_BACKWARD_FP32,
@@ -150,8 +150,8 @@ def test_forward_parity_bf16(model_id: str, layout: str, stage_report, pytestcon
     del hf
     model = build_model(subject.spec, dtype=torch.bfloat16, device="cuda")
     load_hf_weights(model, HFCheckpoint(subject.hf_dir))
-    cand = megatron_side(model, batch, backward=False)
-    stage_report.check(f"{model_id}/{layout}/forward_bf16", forward_metrics(ref, cand, batch), HF_PARITY_FORWARD_BF16,
+    cand = megatron_side(model, batch, backward=False, replay=ref.routing)
+    stage_report.check(f"{model_id}/{layout}/forward_bf16", forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN), HF_PARITY_FORWARD_BF16,
                        **subject.info(batch))
 
 
@@ -183,8 +183,8 @@ def test_transformers_saved_checkpoint(tmp_path: Path, stage_report, gemma4_seed
     assert subject.spec.layer_types == [SLIDING, SLIDING, FULL] and spec_full.layer_types[-1] == FULL
     batch = subject.batch("packed", gemma4_seed)
     ref = hf_side(load_hf_reference(str(tmp_path), depth), batch, backward=True)
-    cand = megatron_side(megatron_for(subject), batch, backward=True)
-    stage_report.check("transformers-saved/packed/forward_fp32", forward_metrics(ref, cand, batch),
+    cand = megatron_side(megatron_for(subject), batch, backward=True, replay=ref.routing)
+    stage_report.check("transformers-saved/packed/forward_fp32", forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN),
                        forward_gates(subject.spec), **subject.info(batch))
     metrics = backward_metrics(ref, cand)
     metrics.pop("per_tensor_rel_l2")
@@ -248,16 +248,18 @@ def _v_after_k_norm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _router_without_renormalisation(monkeypatch: pytest.MonkeyPatch) -> None:
-    def route(logits, top_k, per_expert_scale):
-        weights, indices = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k=top_k, dim=-1)
+    def route(logits, top_k, per_expert_scale, replay=None):
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(probs, k=top_k, dim=-1) if replay is None else (probs.gather(-1, replay), replay)
         return weights * per_expert_scale[indices], indices
 
     monkeypatch.setattr(router_module, "route", route)
 
 
 def _router_without_expert_scale(monkeypatch: pytest.MonkeyPatch) -> None:
-    def route(logits, top_k, per_expert_scale):
-        weights, indices = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k=top_k, dim=-1)
+    def route(logits, top_k, per_expert_scale, replay=None):
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(probs, k=top_k, dim=-1) if replay is None else (probs.gather(-1, replay), replay)
         return weights / weights.sum(-1, keepdim=True), indices
 
     monkeypatch.setattr(router_module, "route", route)
@@ -285,8 +287,46 @@ def test_sensitivity(variant: str, monkeypatch: pytest.MonkeyPatch, stage_report
     model = megatron_for(subject, spec)
     if variant == "embedding_scale_dropped":
         model.embedding.scale = 1.0
-    cand = megatron_side(model, batch, backward=False)
-    metrics = forward_metrics(ref, cand, batch)
+    cand = megatron_side(model, batch, backward=False, replay=ref.routing)
+    metrics = forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN)
     by_logprobs = not all(r.passed for r in evaluate(metrics, HF_PARITY_FORWARD_FP32))
     stage_report.expect_caught(f"sensitivity/{variant}", metrics, forward_gates(subject.spec),
                                caught_by_logprob_gates=by_logprobs, **subject.info(batch))
+
+
+def test_sensitivity_pad_row_trained_through_lookups(stage_report, pytestconfig, gemma4_seed: int) -> None:
+    """HF's embedding has padding_idx = pad_token_id: the pad row gets no gradient from lookups. A model that
+    trains it anyway (found on the H200 at 4096 tokens, where the pad id appears by chance) must fail the
+    gradient gate; the batch always plants one pad token."""
+    subject = subject_for("fixture-dense", pytestconfig)
+    batch = subject.batch("packed", gemma4_seed)
+    ref = hf_side(hf_reference(subject.hf_dir, subject.depth), batch, backward=True)
+    model = megatron_for(subject)
+    model.embedding.pad_token_id = None
+    metrics = backward_metrics(ref, megatron_side(model, batch, backward=True))
+    metrics.pop("per_tensor_rel_l2")
+    stage_report.expect_caught("sensitivity/pad_row_trained_through_lookups", metrics, HF_PARITY_BACKWARD_FP32,
+                               **subject.info(batch))
+
+
+def test_router_replay_refuses_bad_choices() -> None:
+    """Replayed expert choices must cover every MoE layer with one top-k row per token, inside the expert range."""
+    from gemma4_support.errors import Gemma4Error
+    from gemma4_support.model.router_replay import replay_routing, routers_by_layer
+
+    subject = subject_for("fixture-moe", None)
+    model = megatron_for(subject)
+    k, experts = subject.spec.moe.top_k, subject.spec.moe.num_experts
+    good = {layer: torch.zeros(10, k, dtype=torch.long) for layer in routers_by_layer(model)}
+    with pytest.raises(Gemma4Error, match=r"no expert choices for MoE layer\(s\) \[0\]"):
+        with replay_routing(model, {l: v for l, v in good.items() if l != 0}, 10):
+            pass
+    with pytest.raises(Gemma4Error, match=r"shape \(10, 2\), expected \(12, 2\)"):
+        with replay_routing(model, good, 12):
+            pass
+    with pytest.raises(Gemma4Error, match="outside"):
+        with replay_routing(model, {**good, 1: torch.full((10, k), experts)}, 10):
+            pass
+    with replay_routing(model, good, 10):
+        assert all(r.replay is not None for r in routers_by_layer(model).values())
+    assert all(r.replay is None for r in routers_by_layer(model).values())

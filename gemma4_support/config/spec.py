@@ -81,6 +81,7 @@ class ModelSpec:
     final_logit_softcapping: float | None
     tie_word_embeddings: bool
     hidden_activation: str
+    pad_token_id: int | None  # HF's embedding treats it as padding_idx: its row gets no gradient from lookups
     wrapped: bool  # read from a multimodal `gemma4` wrapper's text_config
     notes: tuple[str, ...] = ()
 
@@ -204,7 +205,8 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         final_logit_softcapping=None if softcap is None else float(softcap),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        hidden_activation=cfg.get("hidden_activation", "gelu_pytorch_tanh"), wrapped=wrapped, notes=tuple(notes),
+        hidden_activation=cfg.get("hidden_activation", "gelu_pytorch_tanh"), pad_token_id=cfg.get("pad_token_id", 0),
+        wrapped=wrapped, notes=tuple(notes),
     )
 
 

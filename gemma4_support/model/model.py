@@ -27,17 +27,22 @@ from gemma4_support.model.rope import RotaryPair
 
 
 class Gemma4Embedding(nn.Module):
-    """Token embedding x sqrt(hidden) (the scale cast to the weight dtype, as HF does)."""
+    """Token embedding x sqrt(hidden) (the scale cast to the weight dtype, as HF does). Like HF's
+    `padding_idx`, the pad token's row receives no gradient from lookups (the tied output layer still
+    trains it)."""
 
-    def __init__(self, config: TransformerConfig, vocab_size: int) -> None:
+    def __init__(self, config: TransformerConfig, vocab_size: int, pad_token_id: int | None = None) -> None:
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, init_method=config.init_method,
                                                       config=config, tp_group=parallel_state.get_tensor_model_parallel_group())
         self.scale = config.hidden_size ** 0.5
+        self.pad_token_id = pad_token_id
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, s] -> embeddings [s, b, h]."""
         emb = self.word_embeddings(input_ids)
+        if self.pad_token_id is not None:
+            emb = torch.where((input_ids == self.pad_token_id).unsqueeze(-1), emb.detach(), emb)
         emb = emb * torch.tensor(self.scale, dtype=torch.float32, device=emb.device).to(emb.dtype)
         return emb.transpose(0, 1).contiguous()
 
@@ -59,7 +64,7 @@ class Gemma4Model(MegatronModule):
     def __init__(self, config: TransformerConfig, spec: ModelSpec, attend: AttendFn = core.attend, tp_size: int = 1) -> None:
         super().__init__(config=config)
         self.spec = spec
-        self.embedding = Gemma4Embedding(config, spec.vocab_size)
+        self.embedding = Gemma4Embedding(config, spec.vocab_size, spec.pad_token_id)
         self.rotary = RotaryPair(spec)
         self.decoder = Gemma4Decoder(config, spec, attend, tp_size)
         self.output_layer = ColumnParallelLinear(

@@ -8,6 +8,7 @@ Megatron gradients are mapped to HF names through the same table as the weights 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from gemma4_support.convert.checkpoint import megatron_to_hf
 from gemma4_support.metrics import logprob_metrics, named_tensor_metrics, routing_agreement
+from gemma4_support.model.router_replay import replay_routing
 
 
 @dataclass
@@ -34,11 +36,15 @@ class Batch:
                                                 self.valid)), self.doc_lengths)
 
 
-def make_batch(doc_lengths: tuple[int, ...], vocab_size: int, seed: int, low: int = 0) -> Batch:
-    """A deterministic random row packing documents of the given lengths (token ids in [low, vocab))."""
+def make_batch(doc_lengths: tuple[int, ...], vocab_size: int, seed: int, low: int = 0,
+               pad_id: int | None = None) -> Batch:
+    """A deterministic random row packing documents of the given lengths (token ids in [low, vocab)); `pad_id`
+    is planted at position 1 so the pad row's gradient rule (HF's padding_idx) is always exercised."""
     gen = torch.Generator().manual_seed(seed)
     total = sum(doc_lengths)
     ids = torch.randint(low, vocab_size, (1, total), generator=gen)
+    if pad_id is not None and total > 1:
+        ids[0, 1] = pad_id
     pos = torch.cat([torch.arange(n) for n in doc_lengths])[None]
     doc = torch.cat([torch.full((n,), k) for k, n in enumerate(doc_lengths)])[None]
     labels = torch.roll(ids, -1, dims=1)
@@ -91,10 +97,12 @@ def hf_side(hf_model: torch.nn.Module, batch: Batch, backward: bool) -> SideResu
     return SideResult(logits.detach(), loss.item(), grads, routing)
 
 
-def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool) -> SideResult:
-    """Megatron candidate: the packed row in one forward with position/document ids."""
+def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool, replay: RoutingCapture | None = None) -> SideResult:
+    """Megatron candidate: the packed row in one forward with position/document ids; with `replay` (a
+    reference's routing), its expert choices are imposed so routing flips at near ties cannot mask numerics."""
     model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(backward), RoutingCapture(model) as routing:
+    imposed = replay_routing(model, replay.indices(), batch.input_ids.numel()) if replay and replay.calls else nullcontext()
+    with torch.set_grad_enabled(backward), RoutingCapture(model) as routing, imposed:
         logits = model(batch.input_ids, batch.position_ids, batch.document_ids)
         if not backward:
             return SideResult(logits.detach(), routing=routing)
@@ -105,12 +113,12 @@ def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool) -> SideR
     return SideResult(logits.detach(), loss.item(), megatron_to_hf(grads, model.spec, allow_absent_rows=True), routing)
 
 
-def forward_metrics(ref: SideResult, cand: SideResult, batch: Batch) -> dict[str, float]:
+def forward_metrics(ref: SideResult, cand: SideResult, batch: Batch, tie_margin: float = 0.0) -> dict[str, float]:
     """Log-prob metrics at every labelled position (label log-probs and full-distribution KL(HF || Megatron)),
-    plus routing agreement on MoE models."""
+    plus routing agreement on MoE models (expert-set flips within `tie_margin` of a tie are not decisive)."""
     out = logprob_metrics(ref.logits[0], cand.logits[0], batch.labels[0], batch.valid[0])
-    if ref.routing is not None and ref.routing.calls:
-        out.update(routing_metrics(ref.routing, cand.routing))
+    if ref.routing is not None and ref.routing.calls and cand.routing is not None and cand.routing.calls:
+        out.update(routing_metrics(ref.routing, cand.routing, tie_margin))
     return out
 
 
@@ -159,27 +167,43 @@ class RoutingCapture:
 
     def _hook(self, index: int):
         def hook(module, args, output):
-            weights, indices = output[-2:]  # HF returns (probs, weights, indices); Megatron (weights, indices)
-            self.calls.setdefault(index, []).append((weights.detach().float().reshape(-1, weights.shape[-1]),
-                                                     indices.detach().reshape(-1, indices.shape[-1])))
+            if len(output) == 3:  # HF: (probs, weights, indices)
+                probs, weights, indices = output
+            else:  # Megatron: (weights, indices used); its own top-k choice is kept apart (differs under replay)
+                (weights, _), probs, indices = output, None, module.last_choice
+            k = indices.shape[-1]
+            self.calls.setdefault(index, []).append((
+                weights.detach().float().reshape(-1, k), indices.detach().reshape(-1, k),
+                None if probs is None else probs.detach().float().reshape(-1, probs.shape[-1])))
         return hook
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
 
-    def per_layer(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer: (weights [T, k], indices [T, k])}, calls concatenated in order (= packed token order)."""
-        return {i: (torch.cat([w for w, _ in calls]), torch.cat([x for _, x in calls])) for i, calls in self.calls.items()}
+    def per_layer(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """{layer: (weights [T, k], indices [T, k], probs [T, E] or None)}, calls concatenated in packed token order."""
+        out = {}
+        for i, calls in self.calls.items():
+            probs = None if calls[0][2] is None else torch.cat([c[2] for c in calls])
+            out[i] = (torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), probs)
+        return out
+
+    def indices(self) -> dict[int, torch.Tensor]:
+        """{layer: expert indices [T, k]} — what router replay imposes."""
+        return {i: idx for i, (_, idx, _) in self.per_layer().items()}
 
 
-def routing_metrics(ref: RoutingCapture, cand: RoutingCapture) -> dict[str, float | str]:
+def routing_metrics(ref: RoutingCapture, cand: RoutingCapture, tie_margin: float) -> dict[str, float | str]:
     """Routing agreement of the worst layer (expert choices and, where they agree, weights), layer named."""
     ref_layers, cand_layers = ref.per_layer(), cand.per_layer()
-    worst: dict[str, float | str] = {"router_index_mismatch_frac": 0.0, "router_weight_max_abs": 0.0, "router_worst_layer": ""}
+    worst: dict[str, float | str] = {"router_decisive_mismatch_frac": 0.0, "router_token_mismatch_frac": 0.0,
+                                     "router_weight_max_abs": 0.0, "router_worst_layer": ""}
     for i in sorted(ref_layers):
-        m = routing_agreement(*ref_layers[i], *cand_layers[i])
-        key = (m["router_index_mismatch_frac"], m["router_weight_max_abs"])
-        if key >= (worst["router_index_mismatch_frac"], worst["router_weight_max_abs"]):
+        ref_w, ref_idx, ref_probs = ref_layers[i]
+        cand_w, cand_idx, _ = cand_layers[i]
+        m = routing_agreement(ref_w, ref_idx, cand_w, cand_idx, ref_probs, tie_margin)
+        key = (m["router_decisive_mismatch_frac"], m["router_token_mismatch_frac"], m["router_weight_max_abs"])
+        if key >= (worst["router_decisive_mismatch_frac"], worst["router_token_mismatch_frac"], worst["router_weight_max_abs"]):
             worst = {**m, "router_worst_layer": str(i)}
     return worst

@@ -11,10 +11,15 @@ from megatron.core.transformer.module import MegatronModule
 from gemma4_support.model.norm import Gemma4RMSNorm
 
 
-def route(logits: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] fp32, expert indices [T, k])."""
+def route(logits: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor,
+          replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] fp32, expert indices [T, k]); `replay` [T, k] imposes the experts."""
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, indices = torch.topk(probs, k=top_k, dim=-1)
+    if replay is None:
+        weights, indices = torch.topk(probs, k=top_k, dim=-1)
+    else:
+        indices = replay
+        weights = probs.gather(-1, indices)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights * per_expert_scale[indices]
     return weights, indices
@@ -32,8 +37,15 @@ class Gemma4Router(MegatronModule):
         self.weight = torch.nn.Parameter(torch.empty(experts, hidden, dtype=config.params_dtype))
         self.scale = torch.nn.Parameter(torch.ones(hidden, dtype=config.params_dtype))
         self.per_expert_scale = torch.nn.Parameter(torch.ones(experts, dtype=config.params_dtype))
+        self.replay: torch.Tensor | None = None  # [T, k] expert indices to impose (router replay), else None
+        self.last_choice: torch.Tensor | None = None  # the router's own top-k of the last call (diagnostics)
 
     def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """residual [T, h] -> (weights [T, k], indices [T, k])."""
+        """residual [T, h] -> (weights [T, k], indices [T, k]); with `replay` set, its experts are used."""
         x = self.norm(residual) * self.scale * self.root_size
-        return route(F.linear(x, self.weight), self.top_k, self.per_expert_scale)
+        logits = F.linear(x, self.weight)
+        weights, indices = route(logits, self.top_k, self.per_expert_scale)
+        self.last_choice = indices.detach()
+        if self.replay is None:
+            return weights, indices
+        return route(logits, self.top_k, self.per_expert_scale, self.replay)

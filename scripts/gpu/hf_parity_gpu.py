@@ -37,7 +37,7 @@ from gemma4_support.model.parity import (  # noqa: E402
     backward_metrics, forward_metrics, hf_side, load_hf_reference, make_batch, megatron_side, packed_lengths,
 )
 from validation.thresholds import (  # noqa: E402
-    HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32,
+    HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32, ROUTER_TIE_MARGIN,
 )
 
 
@@ -116,7 +116,7 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
     spec = load_spec(hf_model.config.to_dict())
     rows = []
     batches = {lay: make_batch((seq,) if lay == "single" else packed_lengths(seq, spec.sliding_window),
-                               spec.vocab_size, seed).to(device) for lay in layouts}
+                               spec.vocab_size, seed, pad_id=spec.pad_token_id).to(device) for lay in layouts}
     fp32_logits = {}
     for layout, batch in batches.items():  # ---- fp32
         t0 = time.time()
@@ -124,18 +124,23 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
         ref.grads = to_cpu(ref.grads)
         hf_model.zero_grad(set_to_none=True)
         model = megatron_from(hf_model, torch.float32, device)
-        cand = megatron_side(model, batch, backward=True)
+        cand = megatron_side(model, batch, backward=True, replay=ref.routing)
         cand.grads = to_cpu(cand.grads)
         del model
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
-        fwd = forward_metrics(ref, cand, batch)
+        fwd = forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN)
         bwd = backward_metrics(ref, cand)
         bwd.pop("per_tensor_rel_l2")
         gates = HF_PARITY_FORWARD_FP32 + HF_PARITY_BACKWARD_FP32 + (HF_PARITY_ROUTER_FP32 if spec.moe else ())
-        rows.append(_row(name, "fp32", layout, batch, fwd, bwd, gates, time.time() - t0))
+        row = _row(name, "fp32", layout, batch, fwd, bwd, gates, time.time() - t0)
+        hf_model.to(torch.float64)  # fp32 -> fp64 -> fp32 is exact: the fp64 run is the rounding-free truth
+        truth = hf_side(hf_model, batch, backward=False).logits
+        hf_model.to(torch.float32)
+        row["vs_hf_fp64"] = _floor(truth, ref, cand, batch, device)
+        rows.append(row)
         fp32_logits[layout] = ref.logits.to("cpu")
-        del ref, cand
+        del ref, cand, truth
     hf_model.to(torch.bfloat16)
     for layout, batch in batches.items():  # ---- bf16
         t0 = time.time()
@@ -143,12 +148,12 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
         ref.grads = to_cpu(ref.grads)
         hf_model.zero_grad(set_to_none=True)
         model = megatron_from(hf_model, torch.bfloat16, device)
-        cand = megatron_side(model, batch, backward=True)
+        cand = megatron_side(model, batch, backward=True, replay=ref.routing)
         cand.grads = to_cpu(cand.grads)
         del model
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
-        fwd = forward_metrics(ref, cand, batch)
+        fwd = forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN)
         bwd = backward_metrics(ref, cand)
         bwd.pop("per_tensor_rel_l2")
         floor_ref = forward_metrics(_logits(fp32_logits[layout], device), ref, batch)
@@ -160,6 +165,14 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
         rows.append(row)
         del ref, cand
     return rows
+
+
+def _floor(truth: torch.Tensor, ref, cand, batch, device: str) -> dict:
+    """How far HF fp32 and Megatron fp32 each are from the fp64 truth: the fp32 rounding floor at this size."""
+    t = _logits(truth, device)
+    hf, meg = forward_metrics(t, ref, batch), forward_metrics(t, cand, batch)
+    return {"hf_fp32_max_abs_logprob": hf["max_abs_logprob"], "megatron_fp32_max_abs_logprob": meg["max_abs_logprob"],
+            "hf_fp32_mean_kl": hf["mean_kl"], "megatron_fp32_mean_kl": meg["mean_kl"]}
 
 
 def _logits(logits: torch.Tensor, device: str):
@@ -180,11 +193,12 @@ def _row(name, dtype, layout, batch, fwd, bwd, gates, seconds) -> dict:
 def markdown(rows: list[dict]) -> str:
     """The results table."""
     head = ("| case | dtype | layout | seq | max_abs_logprob | mean_abs_logprob | mean_abs_pct | mean_kl | "
-            "loss_rel_diff | worst grad rel-L2 (tensor) | routing mismatch | gates |")
+            "loss_rel_diff | worst grad rel-L2 (tensor) | routing flips (all / decisive) | gates |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         m = r["metrics"]
-        route = f"{m['router_index_mismatch_frac']:.2g}" if "router_index_mismatch_frac" in m else "-"
+        route = (f"{m['router_token_mismatch_frac']:.2g} / {m['router_decisive_mismatch_frac']:.2g}"
+                 if "router_token_mismatch_frac" in m else "-")
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['layout']} | {r['seq']} | {m['max_abs_logprob']:.3g} | "
             f"{m['mean_abs_logprob']:.3g} | {m['logprob_mean_abs_pct']:.3g} | {m['mean_kl']:.3g} | "
