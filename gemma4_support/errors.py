@@ -37,3 +37,7 @@ class TokenizationError(Gemma4Error):
 
 class ServerError(Gemma4Error):
     """A vLLM server failed to start, died, or returned something unusable."""
+
+
+class PackingError(Gemma4Error):
+    """A packed row's ids (positions, documents, branches) are inconsistent, or cannot be split as asked."""

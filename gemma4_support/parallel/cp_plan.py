@@ -1,0 +1,151 @@
+"""Context-parallel planning: split a packed row across CP ranks and prepare every rank's masks up front.
+
+Load balance: the row is cut into 2·C equal chunks; rank r holds chunk r (front) and chunk 2C−1−r (back).
+With causal attention the work of chunk j grows with j, so each rank's pair of chunks costs the same
+on a single long document (exactly equal allowed-pair counts).
+
+Masks are keyed by `CPMaskKey(rank, chunk, window)` — chunk 0 is the rank's front chunk, 1 its back
+chunk — and relate the chunk's queries to the keys of the whole (gathered) row. They are all built by
+`prepare_cp_masks` before the forward; the forward only looks them up (`PreparedMasks.lookup` raises
+`MaskNotPreparedError` naming the missing key).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from gemma4_support.attention.block_masks import BlockSize, build_block_mask
+from gemma4_support.attention.masks import MaskPredicate, Packing, PreparedMasks, allowed, packing_dense_mask
+from gemma4_support.errors import PackingError
+
+
+class CPMaskKey(NamedTuple):
+    """The key of one prepared CP mask: rank, its chunk (0 front, 1 back), window (None = global)."""
+
+    rank: int
+    chunk: int
+    window: int | None
+
+
+@dataclass(frozen=True)
+class CPPlan:
+    """How one packed row of `seq_len` tokens is split over `cp_size` ranks (two chunks each)."""
+
+    seq_len: int
+    cp_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "cp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PackingError(f"CP plan {name}={value!r} is not a positive integer", f"pass {name} >= 1")
+        if self.seq_len % (2 * self.cp_size):
+            raise PackingError(
+                f"a packed row of {self.seq_len} tokens cannot be split into 2*cp={2 * self.cp_size} equal chunks",
+                f"pad the row to a multiple of {2 * self.cp_size} tokens (two chunks per CP rank)",
+            )
+
+    @property
+    def chunk_len(self) -> int:
+        """Tokens per chunk (each rank holds two)."""
+        return self.seq_len // (2 * self.cp_size)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.cp_size:
+            raise PackingError(f"CP rank {rank} outside 0..{self.cp_size - 1}", "pass a rank of the CP group")
+
+    def global_chunks(self, rank: int) -> tuple[int, int]:
+        """The (front, back) chunk indices among the row's 2·cp chunks held by `rank`."""
+        self._check_rank(rank)
+        return rank, 2 * self.cp_size - 1 - rank
+
+    def chunk_range(self, rank: int, chunk: int) -> tuple[int, int]:
+        """Packed [start, end) of the rank's chunk (0 front, 1 back)."""
+        if chunk not in (0, 1):
+            raise PackingError(f"chunk {chunk!r} is not 0 (front) or 1 (back)", "pass chunk 0 or 1")
+        g = self.global_chunks(rank)[chunk]
+        return g * self.chunk_len, (g + 1) * self.chunk_len
+
+    def local_indices(self, rank: int) -> torch.Tensor:
+        """Packed indices of the tokens `rank` holds: its front chunk, then its back chunk."""
+        return torch.cat([torch.arange(*self.chunk_range(rank, c)) for c in (0, 1)])
+
+    def shard(self, x: torch.Tensor, rank: int, dim: int = -1) -> torch.Tensor:
+        """The part of a full-row tensor (row along `dim`) that `rank` holds."""
+        if x.shape[dim] != self.seq_len:
+            raise PackingError(
+                f"tensor dim {dim} has {x.shape[dim]} tokens, the CP plan {self.seq_len}", "shard the planned row"
+            )
+        return x.index_select(dim, self.local_indices(rank).to(x.device))
+
+    def restore_order(self) -> torch.Tensor:
+        """Permutation taking the ranks' local parts concatenated in rank order back to packed order."""
+        return torch.argsort(torch.cat([self.local_indices(r) for r in range(self.cp_size)]))
+
+    def unshard(self, parts: Sequence[torch.Tensor], dim: int = -1) -> torch.Tensor:
+        """The full-row tensor from every rank's local part (in rank order)."""
+        if len(parts) != self.cp_size:
+            raise PackingError(f"{len(parts)} parts for cp={self.cp_size}", "pass one local part per rank")
+        full = torch.cat(list(parts), dim)
+        return full.index_select(dim, self.restore_order().to(full.device))
+
+
+def plan_cp(seq_len: int, cp_size: int) -> CPPlan:
+    """The load-balanced front/back split of a `seq_len`-token row over `cp_size` ranks."""
+    return CPPlan(seq_len, cp_size)
+
+
+def cp_chunk_mask(
+    plan: CPPlan,
+    packing: Packing,
+    key: CPMaskKey,
+    kind: str = "dense",
+    block_size: BlockSize = 128,
+    predicate: MaskPredicate = allowed,
+) -> object:
+    """The mask of one (rank, chunk, window): dense [1, chunk_len, seq_len] bool, or a flex BlockMask."""
+    if packing.length != plan.seq_len:
+        raise PackingError(
+            f"packed row has {packing.length} tokens but the CP plan {plan.seq_len}", "plan the row you pass"
+        )
+    q_range = plan.chunk_range(key.rank, key.chunk)
+    if kind == "dense":
+        return packing_dense_mask(packing, key.window, q_range, predicate).unsqueeze(0)
+    if kind == "block":
+        if predicate is not allowed:
+            raise PackingError("block masks are planned for the standard predicate only", "use kind='dense'")
+        return build_block_mask(packing, key.window, block_size, q_range)
+    raise PackingError(f"mask kind {kind!r} is not 'dense' or 'block'", "pick one of them")
+
+
+def prepare_cp_masks(
+    plan: CPPlan,
+    packing: Packing,
+    windows: Iterable[int | None],
+    ranks: Iterable[int] | None = None,
+    kind: str = "dense",
+    block_size: BlockSize | Mapping[int | None, BlockSize] = 128,
+    predicate: MaskPredicate = allowed,
+) -> PreparedMasks:
+    """Every (rank, chunk, window) mask of `ranks` (default: all), built now, before any forward."""
+    t0 = time.perf_counter()
+    masks = {}
+    for rank in range(plan.cp_size) if ranks is None else ranks:
+        for chunk in (0, 1):
+            for w in set(windows):
+                bs = block_size[w] if isinstance(block_size, Mapping) else block_size
+                key = CPMaskKey(rank, chunk, w)
+                masks[key] = cp_chunk_mask(plan, packing, key, kind, bs, predicate)
+    return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=kind)
+
+
+def attention_work(plan: CPPlan, packing: Packing, window: int | None) -> list[int]:
+    """Allowed (query, key) pairs per rank for one window: the attention work each rank does."""
+    return [
+        sum(int(packing_dense_mask(packing, window, plan.chunk_range(r, c)).sum()) for c in (0, 1))
+        for r in range(plan.cp_size)
+    ]
