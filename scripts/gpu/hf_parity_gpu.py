@@ -111,6 +111,22 @@ def megatron_from(hf_model: torch.nn.Module, dtype: torch.dtype, device: str) ->
     return model
 
 
+def compare(hf_model: torch.nn.Module, batch, dtype: torch.dtype, device: str):
+    """One training step on both sides in `dtype` (Megatron replays HF's routing): (ref, cand, fwd, bwd)."""
+    ref = hf_side(hf_model, batch, backward=True)
+    ref.grads = to_cpu(ref.grads)
+    hf_model.zero_grad(set_to_none=True)
+    model = megatron_from(hf_model, dtype, device)
+    cand = megatron_side(model, batch, backward=True, replay=ref.routing)
+    cand.grads = to_cpu(cand.grads)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if device == "cuda" else None
+    bwd = backward_metrics(ref, cand)
+    bwd.pop("per_tensor_rel_l2")
+    return ref, cand, forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN), bwd
+
+
 def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str], seed: int, device: str) -> list[dict]:
     """fp32 then bf16 for every layout of one model; rows for the table."""
     spec = load_spec(hf_model.config.to_dict())
@@ -118,22 +134,11 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
     batches = {lay: make_batch((seq,) if lay == "single" else packed_lengths(seq, spec.sliding_window),
                                spec.vocab_size, seed, pad_id=spec.pad_token_id).to(device) for lay in layouts}
     fp32_logits = {}
+    fp32_gates = HF_PARITY_FORWARD_FP32 + HF_PARITY_BACKWARD_FP32 + (HF_PARITY_ROUTER_FP32 if spec.moe else ())
     for layout, batch in batches.items():  # ---- fp32
         t0 = time.time()
-        ref = hf_side(hf_model, batch, backward=True)
-        ref.grads = to_cpu(ref.grads)
-        hf_model.zero_grad(set_to_none=True)
-        model = megatron_from(hf_model, torch.float32, device)
-        cand = megatron_side(model, batch, backward=True, replay=ref.routing)
-        cand.grads = to_cpu(cand.grads)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
-        fwd = forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN)
-        bwd = backward_metrics(ref, cand)
-        bwd.pop("per_tensor_rel_l2")
-        gates = HF_PARITY_FORWARD_FP32 + HF_PARITY_BACKWARD_FP32 + (HF_PARITY_ROUTER_FP32 if spec.moe else ())
-        row = _row(name, "fp32", layout, batch, fwd, bwd, gates, time.time() - t0)
+        ref, cand, fwd, bwd = compare(hf_model, batch, torch.float32, device)
+        row = _row(name, "fp32", layout, batch, fwd, bwd, fp32_gates, time.time() - t0)
         hf_model.to(torch.float64)  # fp32 -> fp64 -> fp32 is exact: the fp64 run is the rounding-free truth
         truth = hf_side(hf_model, batch, backward=False).logits
         hf_model.to(torch.float32)
@@ -144,18 +149,7 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
     hf_model.to(torch.bfloat16)
     for layout, batch in batches.items():  # ---- bf16
         t0 = time.time()
-        ref = hf_side(hf_model, batch, backward=True)
-        ref.grads = to_cpu(ref.grads)
-        hf_model.zero_grad(set_to_none=True)
-        model = megatron_from(hf_model, torch.bfloat16, device)
-        cand = megatron_side(model, batch, backward=True, replay=ref.routing)
-        cand.grads = to_cpu(cand.grads)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
-        fwd = forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN)
-        bwd = backward_metrics(ref, cand)
-        bwd.pop("per_tensor_rel_l2")
+        ref, cand, fwd, bwd = compare(hf_model, batch, torch.bfloat16, device)
         floor_ref = forward_metrics(_logits(fp32_logits[layout], device), ref, batch)
         floor_cand = forward_metrics(_logits(fp32_logits[layout], device), cand, batch)
         row = _row(name, "bf16", layout, batch, fwd, bwd, HF_PARITY_FORWARD_BF16, time.time() - t0)
