@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -24,27 +23,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from gemma4_support.attention.block_masks import block_states, build_block_mask  # noqa: E402
-from gemma4_support.attention.masks import Packing, allowed, pack  # noqa: E402
+from fixtures.packings import random_packed_row  # noqa: E402
+from gemma4_support.attention.masks import Packing, allowed  # noqa: E402
 
 WINDOW, BLOCK = 1024, 128
 GENERIC_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 GENERIC_TIMEOUT_S, GENERIC_MEMORY_GIB = 180, 8
-
-
-def packed_row(length: int, seed: int = 0) -> Packing:
-    """A packed row of `length` tokens: plain documents (512..16384) and shared-prefix documents."""
-    rng = random.Random(seed)
-    docs, n = [], 0
-    while n < length:
-        if rng.random() < 0.3:
-            item = (rng.randint(64, 2048), [rng.randint(64, 2048) for _ in range(rng.randint(2, 4))])
-            n += item[0] + sum(item[1])
-        else:
-            item = rng.randint(512, 16384)
-            n += item
-        docs.append(item)
-    p = pack(docs)
-    return Packing(p.position_ids[:length], p.document_ids[:length], p.branches()[:length])
 
 
 def time_ours(p: Packing, window: int | None, repeats: int = 7) -> list[float]:
@@ -62,7 +46,7 @@ def generic_child(length: int, window: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (GENERIC_MEMORY_GIB << 30, GENERIC_MEMORY_GIB << 30))
     from torch.nn.attention.flex_attention import create_block_mask
 
-    p = packed_row(length)
+    p = random_packed_row(length)
     pos, seg, br = p.position_ids, p.segment_ids(), p.branches()
 
     def mask_mod(b, h, q, k):  # noqa: ANN001, ANN202
@@ -99,9 +83,9 @@ def main() -> None:
     if args.generic_child:
         generic_child(*args.generic_child)
         return
-    p = packed_row(131072)
+    p = random_packed_row(131072)
     ours = {str(w): time_ours(p, w) for w in (WINDOW, None)}
-    ours_by_len = {L: statistics.median(time_ours(packed_row(L), WINDOW, 3)) for L in GENERIC_LENGTHS}
+    ours_by_len = {L: statistics.median(time_ours(random_packed_row(L), WINDOW, 3)) for L in GENERIC_LENGTHS}
     generic = {L: time_generic(L, WINDOW) for L in GENERIC_LENGTHS}
     lines = [
         "# Mask planning benchmark (BlockMask for flex_attention)",

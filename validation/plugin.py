@@ -6,7 +6,6 @@ writes one JSON per stage, a summary and an HTML page into a fresh run folder un
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path

@@ -24,6 +24,7 @@ from gemma4_support.attention.block_masks import (
     plan_block_states,
     prepare_block_masks,
 )
+from fixtures.packings import random_packed_row
 from gemma4_support.attention.masks import (
     Packing,
     allowed,
@@ -34,7 +35,7 @@ from gemma4_support.attention.masks import (
 )
 from gemma4_support.errors import MaskNotPreparedError, PackingError
 from gemma4_support.metrics import tensor_diff
-from gemma4_support.parallel import CPMaskKey, CPMasks, attention_work, cp_forward, plan_cp, prepare_cp_masks
+from gemma4_support.parallel import CPMasks, attention_work, cp_forward, plan_cp, prepare_cp_masks
 from validation import thresholds as T
 
 pytestmark = [pytest.mark.stage_cp_masks, pytest.mark.xdist_group("cp_masks")]  # one 4-process CP launch
@@ -217,19 +218,7 @@ def test_mask_window_off_by_one_is_caught(stage_report) -> None:  # noqa: ANN001
 
 def test_block_planning_131k(stage_report) -> None:  # noqa: ANN001
     """A 131,072-token packed row (W = 1024), planned from geometry for every window, well under a second."""
-    rng = random.Random(0)
-    docs, n = [], 0
-    while n < 131072:
-        if rng.random() < 0.3:
-            item = (rng.randint(64, 2048), [rng.randint(64, 2048) for _ in range(rng.randint(2, 4))])
-            n += item[0] + sum(item[1])
-        else:
-            item = rng.randint(512, 16384)
-            n += item
-        docs.append(item)
-    docs.append(1)  # trimmed below
-    p = pack(docs)
-    p = Packing(p.position_ids[:131072], p.document_ids[:131072], p.branches()[:131072])
+    p = random_packed_row(131072)
     sizes = {1024: block_size_for_head_dim(256), None: block_size_for_head_dim(512)}
     sliding, both = [], []
     for _ in range(3):
