@@ -158,9 +158,9 @@ def test_forward_parity_bf16(model_id: str, layout: str, stage_report, pytestcon
 # ---------------------------------------------------------------- a checkpoint saved by transformers itself
 
 
-def test_transformers_saved_checkpoint(tmp_path: Path, stage_report, gemma4_seed: int) -> None:
-    """A directory written by `save_pretrained` (not the fixture factory): non-periodic layer types, v_proj on full
-    layers (no K=V), untied lm_head; cut to its covering depth like any --gemma4-model."""
+def save_with_transformers(path: Path, seed: int) -> Path:
+    """Write a Gemma 4 checkpoint with `save_pretrained` (not the fixture factory): non-periodic layer types,
+    v_proj on full layers (no K=V), untied lm_head, every ones-initialised scale moved away from 1."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     config = Gemma4TextConfig(
@@ -170,13 +170,19 @@ def test_transformers_saved_checkpoint(tmp_path: Path, stage_report, gemma4_seed
         enable_moe_block=True, num_experts=3, top_k_experts=2, moe_intermediate_size=32, final_logit_softcapping=30.0,
         max_position_embeddings=256,
     )
-    torch.manual_seed(gemma4_seed)
+    torch.manual_seed(seed)
     model = Gemma4ForCausalLM(config)
-    with torch.no_grad():  # move every ones-initialised scale away from 1 so that each one matters
+    with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith(("norm.weight", "layernorm.weight", "scale", "layer_scalar")) or "layernorm" in name:
                 tensor.mul_(torch.empty_like(tensor).uniform_(0.6, 1.4))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+    return path
+
+
+def test_transformers_saved_checkpoint(tmp_path: Path, stage_report, gemma4_seed: int) -> None:
+    """A directory written by transformers itself, cut to its covering depth like any --gemma4-model."""
+    save_with_transformers(tmp_path, gemma4_seed)
     spec_full = load_spec(tmp_path)
     depth = discover(spec_full).truncation_depth
     subject = Subject(tmp_path, depth, model_spec(tmp_path, depth))
@@ -330,3 +336,26 @@ def test_router_replay_refuses_bad_choices() -> None:
     with replay_routing(model, good, 10):
         assert all(r.replay is not None for r in routers_by_layer(model).values())
     assert all(r.replay is None for r in routers_by_layer(model).values())
+
+
+def test_cli_runs_the_stage_on_a_transformers_checkpoint(tmp_path: Path, gemma4_seed: int) -> None:
+    """`gemma4-validate run --stages hf_parity --model DIR` on a directory saved by transformers writes the stage
+    JSON with forward and backward metrics for that model (cut to 3 layers: s, s, f)."""
+    import json
+    import subprocess
+    import sys
+
+    model_dir = save_with_transformers(tmp_path / "ckpt", gemma4_seed)
+    reports = tmp_path / "reports"
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma4_support.cli", "run", "--stages", "hf_parity", "--model", str(model_dir),
+         "--report-dir", str(reports), "--workers", "0", "--", "-k", "model and parity and not fixture and not bf16"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    (run,) = [p for p in reports.iterdir() if p.is_dir()]
+    doc = json.loads((run / "hf_parity.json").read_text())
+    cases = {r["case"]: r for t in doc["tests"] for r in t["records"]}
+    assert {"model/single/forward_fp32", "model/packed/forward_fp32", "model/packed/backward_fp32"} <= set(cases)
+    assert all(r["passed"] for r in cases.values() if r["kind"] == "gate")
+    assert cases["model/packed/forward_fp32"]["info"]["layer_types"] == [SLIDING, SLIDING, FULL]
+    assert doc["provenance"]["model"]["path"] == str(model_dir)
