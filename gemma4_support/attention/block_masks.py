@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -149,7 +149,7 @@ def block_mask_from_states(
     states: torch.Tensor,
     block_size: BlockSize,
     seq_lengths: tuple[int, int],
-    mask_mod=None,  # noqa: ANN001 - flex's mask_mod callable
+    mask_mod: Callable | None = None,  # flex's mask_mod callable
     device: torch.device | str = "cpu",
 ) -> BlockMask:
     """A flex BlockMask from [query blocks, key blocks] states, with both the kv- and q-direction block lists."""
@@ -185,7 +185,7 @@ def build_block_mask(
 
 
 @contextlib.contextmanager
-def planning_threads(threads: int = 1):  # noqa: ANN201 - a context manager
+def planning_threads(threads: int = 1) -> Iterator[None]:
     """Run mask planning on `threads` intra-op threads: its ops are small, fanning out only adds sync cost."""
     before = torch.get_num_threads()
     if before != threads:

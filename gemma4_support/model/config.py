@@ -3,6 +3,7 @@ carrying that layer's head dim, kv heads and window (Gemma 4's geometry differs 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -16,7 +17,7 @@ from gemma4_support.errors import ConfigError
 _ACTIVATIONS = {"gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
-def activation_function(name: str):
+def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The torch function for an HF `hidden_activation` name."""
     try:
         return _ACTIVATIONS[name]

@@ -30,6 +30,7 @@ def apply() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     def model_parallel_cpu_manual_seed(seed: int, *args, **kwargs) -> None:
+        """Seed the CPU generator (megatron's version seeds CUDA RNG trackers)."""
         torch.manual_seed(seed)
 
     mrandom.model_parallel_cuda_manual_seed = model_parallel_cpu_manual_seed

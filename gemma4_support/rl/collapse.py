@@ -65,10 +65,12 @@ class _Buffer:
         self.routed.append(choice.routed_experts)
 
     def extends(self, choice: SampledChoice) -> bool:
+        """True when the choice's prompt ids start with the whole buffer."""
         p = choice.prompt_token_ids
         return len(p) >= len(self.ids) and list(p[: len(self.ids)]) == self.ids
 
     def extend(self, choice: SampledChoice, index: int) -> None:
+        """Append the prompt's new suffix (mask 0) and the completion (mask 1, vLLM's log-probs)."""
         suffix = choice.prompt_token_ids[len(self.ids):]
         self.ids.extend(suffix)
         self.mask.extend([0] * len(suffix))
@@ -76,6 +78,7 @@ class _Buffer:
         self._append_completion(choice, index)
 
     def flush(self, trajectory_index: int, history_index: int) -> TrainingSequence:
+        """The buffer as a finished training sequence."""
         routed = self.routed[-1] if self.routed and all(r is not None for r in self.routed) else None
         if routed is not None and getattr(routed, "shape", (None,))[0] != len(self.ids) - 1:
             routed = None  # partial routing (e.g. routed_experts_prompt_start > 0): not aligned with the row

@@ -14,7 +14,10 @@ import base64
 import io
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from gemma4_support.errors import ServerError
 
@@ -49,7 +52,7 @@ def normalize_token_ids(value: Any, what: str) -> list[int] | None:
     return out
 
 
-def decode_routed_experts(value: Any):
+def decode_routed_experts(value: Any) -> "np.ndarray | None":
     """vLLM's ``routed_experts`` (base64 ``.npy``) as a numpy array ``[tokens - 1, layers, top_k]``; arrays pass through."""
     import numpy as np
 
@@ -163,7 +166,7 @@ class VLLMClient:
         skip_special_tokens: bool = False,
         extra_body: Mapping[str, Any] | None = None,
         **kwargs: Any,
-    ):
+    ) -> Any:
         """One chat completion with ``return_token_ids``; each choice carries ``prompt_token_ids`` and ``token_ids``."""
         body: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": skip_special_tokens}
         if enable_thinking is not None:
@@ -208,7 +211,7 @@ class VLLMClient:
         skip_special_tokens: bool = False,
         extra_body: Mapping[str, Any] | None = None,
         **kwargs: Any,
-    ):
+    ) -> Any:
         """One completion (text or token-id prompt) with ``return_token_ids``; ids normalised on each choice."""
         body: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": skip_special_tokens}
         if extra_body:
