@@ -20,7 +20,6 @@ from gemma4_support.attention.block_masks import (
     block_size_for_head_dim,
     block_states,
     build_block_mask,
-    flex_attend,
     plan_block_states,
     prepare_block_masks,
 )
@@ -295,25 +294,31 @@ def test_unprepared_mask_names_key(model, rows, stage_report) -> None:  # noqa: 
 
 
 def test_flex_vs_dense_model(model, rows, stage_report) -> None:  # noqa: ANN001
-    """The model with flex_attention + planned BlockMasks (block size per head dim) equals the dense path."""
-    from gemma4_support.attention import core
+    """The model on the flex backend (planned BlockMasks, block size per head dim, flex_attention) equals the
+    dense reference. Small blocks (8 / 16) so that short rows have full, partial and empty blocks. Rows with
+    shared prefixes get masks planned from their branches; plain rows go through the backend's own hook."""
+    from gemma4_support.attention.backends import FlexPlan, attend_any
+    from gemma4_support.attention.masks import prepare_dense_masks
 
-    sizes = {}
-    for layer in model.spec.layers:
-        sizes[layer.window] = {64: 8, 128: 16}.get(layer.head_dim, block_size_for_head_dim(layer.head_dim))
+    plan = FlexPlan({layer.window: {64: 8, 128: 16}[layer.head_dim] for layer in model.spec.layers})
+    model_attend = model.decoder.layers[0].self_attention.attend
     for name, row in rows.items():
         p, ids = row["packing"], row["input_ids"]
+        pos, doc = p.position_ids[None], p.document_ids[None]
+        shared_prefix = p.branch_ids is not None and bool((p.branch_ids > 0).any())
         with torch.no_grad():
-            ref = model(ids, p.position_ids[None], p.document_ids[None], masks=_dense_masks(p, model.windows))
-            blocks = prepare_block_masks(p, model.windows, sizes)
-            model.set_attend(lambda q, k, v, mask: flex_attend(q, k, v, mask))
+            ref = model(ids, pos, doc, masks=_dense_masks(p, model.windows))
+            model.prepare_masks = plan.prepare
+            model.set_attend(attend_any)
             try:
-                out = model(ids, p.position_ids[None], p.document_ids[None], masks=blocks)
+                masks = prepare_block_masks(p, model.windows, plan.block_sizes) if shared_prefix else None
+                out = model(ids, pos, doc, masks=masks)
             finally:
-                model.set_attend(core.attend)
+                model.prepare_masks = prepare_dense_masks
+                model.set_attend(model_attend)
         stage_report.check(f"flex_vs_dense_row_{name}", tensor_diff(ref, out), T.CP_MASKS_FLEX_VS_DENSE_FP32,
-                           block_sizes={str(k): v for k, v in sizes.items()}, flex="eager, CPU, forward only",
-                           mask_plan_seconds=blocks.plan_seconds)
+                           block_sizes={str(k): v for k, v in plan.block_sizes.items()}, shared_prefix=shared_prefix,
+                           flex="eager, CPU, forward only")
 
 
 def _invariance(model, docs, ids: torch.Tensor, masks_fn=None, positions=None) -> tuple[dict, dict]:  # noqa: ANN001
@@ -448,3 +453,38 @@ def test_cp_sensitivity(variant, cp_runs, cp1_reference, stage_report) -> None: 
                "missing_mask_keys": 0}
     stage_report.expect_caught(f"cp4_{variant}", metrics, T.CP_MASKS_CP_EQUIVALENCE_FP32,
                                logits_rel_l2=d["rel_l2"], note="forward only; gradients not compared")
+
+
+def test_flex_backend_through_build(model, gemma4_model_dir, depth, stage_report) -> None:  # noqa: ANN001
+    """`build_model(attention="flex")` prepares BlockMasks itself (block size per head dim) and equals the
+    dense model on a plain packed row; "auto" is dense on CPU (flex has no CPU backward) and flex on CUDA."""
+    from gemma4_support.attention.backends import resolve
+    from gemma4_support.errors import Gemma4Error
+    from gemma4_support.model.build import load_model
+
+    flex = load_model(gemma4_model_dir, depth=depth, attention="flex")
+    p = pack([150, 97, 209])
+    ids = torch.randint(0, model.spec.vocab_size, (1, p.length), generator=torch.Generator().manual_seed(3))
+    pos, doc = p.position_ids[None], p.document_ids[None]
+    with torch.no_grad():
+        ref, out = model(ids, pos, doc), flex(ids, pos, doc)
+    stage_report.check("flex_backend_plain_row", tensor_diff(ref, out), T.CP_MASKS_FLEX_VS_DENSE_FP32, tokens=p.length)
+    assert resolve("auto", "cpu") == "dense" and resolve("auto", "cuda") == "flex"
+    with pytest.raises(Gemma4Error, match="unknown attention backend"):
+        resolve("sdpa", "cpu")
+    with pytest.raises(Gemma4Error, match="one packed row"):
+        flex(ids.repeat(2, 1), pos.repeat(2, 1), doc.repeat(2, 1))
+
+
+def test_auto_backend_keeps_wide_heads_dense() -> None:
+    """On CUDA, `auto` plans flex for head dims up to 256 and keeps Gemma 4's 512-wide global heads dense
+    (their flex kernel does not fit the H200's shared memory in bf16: docs/gpu_flex_attention.md)."""
+    from fixtures.configs import real_config
+    from gemma4_support.attention.backends import backend_hooks
+    from gemma4_support.config.spec import load_spec
+
+    spec = load_spec(real_config("26B-A4B"))
+    prepare, _ = backend_hooks("auto", spec, "cuda")
+    assert prepare.__self__.block_sizes == {1024: 128, None: None}
+    prepare, _ = backend_hooks("flex", spec, "cuda")
+    assert prepare.__self__.block_sizes == {1024: 128, None: 64}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gemma4_support.attention import core
+from gemma4_support.attention.backends import backend_hooks
 from gemma4_support.config.families import discover, truncate_config
 from gemma4_support.config.spec import ModelSpec, load_spec, read_config
 from gemma4_support.model import cpu_patches
@@ -38,13 +38,20 @@ def init_parallel_state(device: str | torch.device = "cpu") -> None:
 
 
 def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                attend: AttendFn = core.attend) -> Gemma4Model:
-    """A Gemma 4 megatron-core model for `spec` (weights uninitialised: load them next)."""
+                attend: AttendFn | None = None, attention: str = "auto") -> Gemma4Model:
+    """A Gemma 4 megatron-core model for `spec` (weights uninitialised: load them next).
+
+    `attention`: "auto" (flex on CUDA, dense elsewhere), "dense" (the reference) or "flex" — see gemma4_support.attention.backends;
+    an explicit `attend` replaces the backend's attend step.
+    """
     from megatron.core import parallel_state
 
     init_parallel_state(device)
     config = transformer_config(spec, params_dtype=dtype)
-    model = Gemma4Model(config, spec, attend=attend, tp_size=parallel_state.get_tensor_model_parallel_world_size())
+    prepare, backend_attend = backend_hooks(attention, spec, device)
+    model = Gemma4Model(config, spec, attend=attend or backend_attend,
+                        tp_size=parallel_state.get_tensor_model_parallel_world_size())
+    model.prepare_masks = prepare
     return model.to(device)
 
 
@@ -59,11 +66,11 @@ def model_spec(hf_dir: str | Path, depth: int | None = None) -> ModelSpec:
 
 
 def load_model(hf_dir: str | Path, *, depth: int | str | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", attend: AttendFn = core.attend) -> Gemma4Model:
+               device: str | torch.device = "cpu", attend: AttendFn | None = None, attention: str = "auto") -> Gemma4Model:
     """Build the model for an HF checkpoint directory and load its weights (lazily, tensor by tensor)."""
     from gemma4_support.convert.checkpoint import HFCheckpoint, load_hf_weights
 
     spec = model_spec(hf_dir, depth)
-    model = build_model(spec, dtype=dtype, device=device, attend=attend)
+    model = build_model(spec, dtype=dtype, device=device, attend=attend, attention=attention)
     load_hf_weights(model, HFCheckpoint(hf_dir))
     return model

@@ -102,11 +102,14 @@ def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in tensors.items()}
 
 
+ATTENTION = "dense"  # --attention: the recorded table (docs/gpu_hf_parity.md) used the dense backend
+
+
 def megatron_from(hf_model: torch.nn.Module, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """Build the megatron-core model for the HF model's config and stream its weights in through the table."""
     cfg = hf_model.config.to_dict()
     spec = load_spec(cfg)
-    model = build_model(spec, dtype=dtype, device=device)
+    model = build_model(spec, dtype=dtype, device=device, attention=ATTENTION)
     load_hf_weights(model, TensorDict(dict(hf_model.state_dict())))
     return model
 
@@ -210,7 +213,10 @@ def main() -> int:
     parser.add_argument("--cases", default="fixture-moe,fixture-dense,26B-A4B-cut6")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="CPU smoke run: 64 tokens, shrunken 26B-A4B widths")
+    parser.add_argument("--attention", default="dense", choices=("dense", "flex", "auto"), help="Megatron attention backend")
     args = parser.parse_args()
+    global ATTENTION
+    ATTENTION = args.attention
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     seq = 64 if args.small else args.seq
     vocab = 512 if args.small else args.vocab
