@@ -716,6 +716,15 @@ def _rollout(client, tokenizer, template: str, allowed: list[int], seed: int) ->
     return Trajectory(messages=messages, choices=choices), info
 
 
+def _collapse_metrics(traj, info: dict, vocab: int):  # noqa: ANN001, ANN202
+    """Collapse a live rollout; (sequences, report, metrics: reproduction, prompt mismatches, collapse counts)."""
+    seqs, report = collapse_trajectories(traj, vocab_size=vocab)
+    metrics = {**choice_reproduction(traj, seqs), "prompt_id_mismatches": info["prompt_id_mismatches"],
+               "sequences": report.sequences, "collapsed_trajectories": report.collapsed_trajectories,
+               "splits": len(report.splits)}
+    return seqs, report, metrics
+
+
 @pytest.mark.slow
 def test_live_rollout_collapses_to_vllm_ids(vllm_server: VLLMServer, stage_report):
     """A 3-turn rollout with thinking and a tool call against the real vLLM server.
@@ -746,10 +755,7 @@ def test_live_rollout_collapses_to_vllm_ids(vllm_server: VLLMServer, stage_repor
 
     # Append-only template: one sequence.
     traj, info = _rollout(client, tokenizer, CHAT_TEMPLATE, allowed, seed=11)
-    seqs, report = collapse_trajectories(traj, vocab_size=vocab)
-    metrics = {**choice_reproduction(traj, seqs), "prompt_id_mismatches": info["prompt_id_mismatches"],
-               "sequences": report.sequences, "collapsed_trajectories": report.collapsed_trajectories,
-               "splits": len(report.splits)}
+    seqs, report, metrics = _collapse_metrics(traj, info, vocab)
     stage_report.check("live_append_only_template", metrics, T.TOKENIZATION_LIVE_APPEND_ONLY,
                        collapse=report.to_dict(), server=vllm_server.base_url, model=vllm_server.model,
                        allowed_token_ids=len(allowed), **info)
@@ -757,10 +763,7 @@ def test_live_rollout_collapses_to_vllm_ids(vllm_server: VLLMServer, stage_repor
 
     # Thought-stripping template: the same rollout splits where history changed.
     traj_s, info_s = _rollout(client, tokenizer, STRIP_THOUGHTS_TEMPLATE, allowed, seed=11)
-    seqs_s, report_s = collapse_trajectories(traj_s, vocab_size=vocab)
-    metrics_s = {**choice_reproduction(traj_s, seqs_s), "prompt_id_mismatches": info_s["prompt_id_mismatches"],
-                 "sequences": report_s.sequences, "collapsed_trajectories": report_s.collapsed_trajectories,
-                 "splits": len(report_s.splits)}
+    seqs_s, report_s, metrics_s = _collapse_metrics(traj_s, info_s, vocab)
     stage_report.check("live_thought_stripping_template", metrics_s, T.TOKENIZATION_LIVE_STRIPPED,
                        collapse=report_s.to_dict(), **info_s)
     assert [s.choice_index for s in report_s.splits] == [2], report_s.splits

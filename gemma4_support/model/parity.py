@@ -79,6 +79,12 @@ class SideResult:
     routing: "RoutingCapture | None" = None  # router outputs per layer (MoE models)
 
 
+def parameter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's gradient by name (zeros where backward left none)."""
+    return {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
 def hf_side(hf_model: torch.nn.Module, batch: Batch, backward: bool) -> SideResult:
     """HF reference: every document alone, logits concatenated; optional loss/backward over the whole row."""
     hf_model.zero_grad(set_to_none=True)
@@ -92,9 +98,7 @@ def hf_side(hf_model: torch.nn.Module, batch: Batch, backward: bool) -> SideResu
             return SideResult(logits.detach(), routing=routing)
         loss = token_loss(logits, batch)
         loss.backward()
-    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-             for name, p in hf_model.named_parameters() if p.requires_grad}
-    return SideResult(logits.detach(), loss.item(), grads, routing)
+    return SideResult(logits.detach(), loss.item(), parameter_grads(hf_model), routing)
 
 
 def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool, replay: RoutingCapture | None = None) -> SideResult:
@@ -108,9 +112,8 @@ def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool, replay: 
             return SideResult(logits.detach(), routing=routing)
         loss = token_loss(logits, batch)
         loss.backward()
-    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-             for name, p in model.named_parameters() if p.requires_grad}
-    return SideResult(logits.detach(), loss.item(), megatron_to_hf(grads, model.spec, allow_absent_rows=True), routing)
+    return SideResult(logits.detach(), loss.item(),
+                      megatron_to_hf(parameter_grads(model), model.spec, allow_absent_rows=True), routing)
 
 
 def forward_metrics(ref: SideResult, cand: SideResult, batch: Batch, tie_margin: float = 0.0) -> dict[str, float]:
