@@ -295,8 +295,8 @@ def test_unprepared_mask_names_key(model, rows, stage_report) -> None:  # noqa: 
 
 def test_flex_vs_dense_model(model, rows, stage_report) -> None:  # noqa: ANN001
     """The model on the flex backend (planned BlockMasks, block size per head dim, flex_attention) equals the
-    dense reference. Small blocks (8 / 16) so that short rows have full, partial and empty blocks. Rows with
-    shared prefixes get masks planned from their branches; plain rows go through the backend's own hook."""
+    dense reference, both preparing their own masks from position, document and branch ids (shared-prefix
+    rows). Small blocks (8 / 16) so that short rows have full, partial and empty blocks."""
     from gemma4_support.attention.backends import FlexPlan, attend_any
     from gemma4_support.attention.masks import prepare_dense_masks
 
@@ -304,21 +304,21 @@ def test_flex_vs_dense_model(model, rows, stage_report) -> None:  # noqa: ANN001
     model_attend = model.decoder.layers[0].self_attention.attend
     for name, row in rows.items():
         p, ids = row["packing"], row["input_ids"]
-        pos, doc = p.position_ids[None], p.document_ids[None]
-        shared_prefix = p.branch_ids is not None and bool((p.branch_ids > 0).any())
+        pos, doc, branch = p.position_ids[None], p.document_ids[None], p.branches()[None]
         with torch.no_grad():
             ref = model(ids, pos, doc, masks=_dense_masks(p, model.windows))
+            via_hook = model(ids, pos, doc, branch_ids=branch)  # the dense backend's own preparation
             model.prepare_masks = plan.prepare
             model.set_attend(attend_any)
             try:
-                masks = prepare_block_masks(p, model.windows, plan.block_sizes) if shared_prefix else None
-                out = model(ids, pos, doc, masks=masks)
+                out = model(ids, pos, doc, branch_ids=branch)
             finally:
                 model.prepare_masks = prepare_dense_masks
                 model.set_attend(model_attend)
+        assert torch.equal(ref, via_hook)
         stage_report.check(f"flex_vs_dense_row_{name}", tensor_diff(ref, out), T.CP_MASKS_FLEX_VS_DENSE_FP32,
-                           block_sizes={str(k): v for k, v in plan.block_sizes.items()}, shared_prefix=shared_prefix,
-                           flex="eager, CPU, forward only")
+                           block_sizes={str(k): v for k, v in plan.block_sizes.items()},
+                           shared_prefix=bool((p.branches() > 0).any()), flex="eager, CPU, forward only")
 
 
 def _invariance(model, docs, ids: torch.Tensor, masks_fn=None, positions=None) -> tuple[dict, dict]:  # noqa: ANN001

@@ -38,16 +38,17 @@ class FlexPlan:
 
     block_sizes: dict[int | None, int | None] = field(default_factory=dict)
 
-    def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None]) -> PreparedMasks:
+    def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
+                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
         """BlockMasks (dense masks for windows kept dense), keyed by window, for one packed row."""
         if position_ids.dim() != 2 or position_ids.shape[0] != 1:
             raise Gemma4Error(f"the flex backend plans one packed row per forward, got ids of shape {tuple(position_ids.shape)}",
                               "pack the batch into one row (document ids separate the sequences) or use the dense backend")
-        packing = Packing(position_ids[0], document_ids[0])
+        packing = Packing(position_ids[0], document_ids[0], None if branch_ids is None else branch_ids[0])
         masks: dict[int | None, object] = {}
         for window in set(windows):
             size = self.block_sizes.get(window)
-            masks[window] = (dense_mask(position_ids, document_ids, window) if size is None
+            masks[window] = (dense_mask(position_ids, document_ids, window, branch_ids=branch_ids) if size is None
                              else build_block_mask(packing, window, size, device=position_ids.device))
         return PreparedMasks(masks, kind="flex")
 

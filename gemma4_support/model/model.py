@@ -82,10 +82,11 @@ class Gemma4Model(MegatronModule):
             layer.self_attention.attend = attend
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                masks: PreparedMasks | None = None) -> torch.Tensor:
-        """input/position/document ids [b, s] -> logits [b, s, vocab] (softcapped)."""
+                masks: PreparedMasks | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input/position/document ids [b, s] -> logits [b, s, vocab] (softcapped). `branch_ids` [b, s] marks
+        shared-prefix packing (0 = a document's prompt, k = its k-th completion, which never sees a sibling)."""
         if masks is None:
-            masks = self.prepare_masks(position_ids, document_ids, self.windows)
+            masks = self.prepare_masks(position_ids, document_ids, self.windows, branch_ids)
         rotary = self.rotary(position_ids)
         hidden = self.embedding(input_ids)
         for layer in self.decoder.layers:
