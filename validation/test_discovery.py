@@ -189,6 +189,9 @@ _DROP = object()
     (_bad(per_layer_config={"x": {}}), ConfigError, "per_layer_config"),
     (_bad(rope_parameters={"sliding_attention": {"rope_theta": 1.0}}), ConfigError, "rope_parameters"),
     ({"model_type": "gemma4"}, ConfigError, "text_config"),
+    (_bad(rope_parameters={"sliding_attention": {"rope_theta": 1e4},
+                           "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "factor": 8.0}}),
+     UnsupportedVariantError, "factor"),
 ])
 def test_bad_configs_give_one_clear_line(config, error, field):
     with pytest.raises(error) as info:

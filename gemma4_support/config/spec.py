@@ -263,6 +263,9 @@ def _rope_specs(cfg: dict) -> dict[str, RopeSpec]:
         rope_type = p.get("rope_type", "default")
         if rope_type not in ("default", "proportional"):
             raise UnsupportedVariantError(f"rope_type {rope_type!r} for {layer_type} is not supported", "use default/proportional")
+        if float(p.get("factor", 1.0)) != 1.0:  # HF's proportional RoPE divides frequencies by it; not modelled here
+            raise UnsupportedVariantError(f"rope_parameters[{layer_type!r}] has factor={p['factor']}: scaled RoPE is not supported",
+                                          "use a config without a RoPE scaling factor (factor: 1.0)")
         specs[layer_type] = RopeSpec(rope_type, float(p["rope_theta"]), float(p.get("partial_rotary_factor", 1.0)))
     return specs
 
