@@ -19,7 +19,7 @@ never builds a mask on the fly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -264,8 +264,3 @@ def prepare_dense_masks(
     t0 = time.perf_counter()
     masks = {w: dense_mask(position_ids, document_ids, w, branch_ids=branch_ids) for w in set(windows)}
     return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind="dense")
-
-
-def masks_from(mapping: Mapping[Hashable, object]) -> PreparedMasks:
-    """Wrap an existing key→mask mapping."""
-    return PreparedMasks(dict(mapping))

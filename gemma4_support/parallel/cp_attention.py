@@ -22,10 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 
-from gemma4_support.attention import core
-from gemma4_support.attention.block_masks import flex_attend
+from gemma4_support.attention.backends import attend_any
 from gemma4_support.attention.masks import PreparedMasks
 from gemma4_support.errors import PackingError
 from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan
@@ -97,13 +95,8 @@ def gather_sequence(x: torch.Tensor, plan: CPPlan, group: dist.ProcessGroup | No
 class ContextParallelAttend:
     """The attend hook under CP: (q, k, v of local tokens [b, heads, 2·chunk, d], CPLayerMasks) -> local output."""
 
-    def __init__(self, plan: CPPlan, rank: int, group: dist.ProcessGroup | None = None, scale: float = 1.0) -> None:
-        self.plan, self.rank, self.group, self.scale = plan, rank, group, scale
-
-    def _inner(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object) -> torch.Tensor:
-        if isinstance(mask, BlockMask):
-            return flex_attend(q, k, v, mask, self.scale)
-        return core.attend(q, k, v, mask)
+    def __init__(self, plan: CPPlan, rank: int, group: dist.ProcessGroup | None = None) -> None:
+        self.plan, self.rank, self.group = plan, rank, group
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
         """Attend the rank's front and back query chunks against the whole row's keys and values."""
@@ -117,8 +110,8 @@ class ContextParallelAttend:
         kv = gather_sequence(torch.cat([key, value], dim=-1), self.plan, self.group, dim=2)
         full_k, full_v = kv[..., :d_k], kv[..., d_k:]
         c = self.plan.chunk_len
-        front = self._inner(query[:, :, :c], full_k, full_v, mask.front)
-        back = self._inner(query[:, :, c:], full_k, full_v, mask.back)
+        front = attend_any(query[:, :, :c], full_k, full_v, mask.front)
+        back = attend_any(query[:, :, c:], full_k, full_v, mask.back)
         return torch.cat([front, back], dim=2)
 
 
