@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from gemma4_support.chat.template import render
 from gemma4_support.errors import TokenizationError
 
 __all__ = ["SFTExample", "SFTReport", "sft_tokenize", "assistant_char_spans", "encode_with_offsets"]
@@ -63,13 +64,6 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tupl
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _render(messages, tools, enable_thinking, template, add_generation_prompt=False) -> str:
-    from gemma4_support.chat.template import render
-
-    return render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                  enable_thinking=enable_thinking, template=template)
-
-
 def assistant_char_spans(
     messages: Sequence[Mapping[str, Any]],
     *,
@@ -85,14 +79,15 @@ def assistant_char_spans(
     template = template or CHAT_TEMPLATE
     msgs = template_messages(messages)
     tools = list(tools) if tools else None
-    full = _render(msgs, tools, enable_thinking, template)
+    full = render(msgs, tools=tools, enable_thinking=enable_thinking, template=template)
     assistant = [k for k, m in enumerate(msgs) if m.get("role") in ("assistant", "model")]
     if train_on == "last":
         assistant = assistant[-1:]
     spans = []
     for k in assistant:
-        head = _render(msgs[:k], tools, enable_thinking, template, add_generation_prompt=True)
-        upto = _render(msgs[: k + 1], tools, enable_thinking, template)
+        head = render(msgs[:k], tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking,
+                      template=template)
+        upto = render(msgs[: k + 1], tools=tools, enable_thinking=enable_thinking, template=template)
         if not full.startswith(upto) or not upto.startswith(head):
             raise TokenizationError(
                 f"the chat template is not append-only at message {k}: rendering messages[:{k + 1}] is not a "
