@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,10 @@ from pathlib import Path
 
 import torch
 
+from gemma4_support.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("none", "drop_window", "chunk_off_by_one", "no_shared_prefix", "packed_positions")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(job: dict, world: int, timeout_s: float = 300.0) -> dict:
@@ -45,7 +40,7 @@ def launch(job: dict, world: int, timeout_s: float = 300.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="gemma4-cp-") as tmp:
         tmp_path = Path(tmp)
         torch.save(job, tmp_path / "job.pt")
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("PYTEST_XDIST_WORKER", None)
         t0 = time.perf_counter()

@@ -2,7 +2,6 @@
 spec, weights from an HF checkpoint directory (optionally truncated to the depth covering every layer family)."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -15,12 +14,7 @@ from gemma4_support.model import cpu_patches
 from gemma4_support.model.attention import AttendFn
 from gemma4_support.model.config import transformer_config
 from gemma4_support.model.model import Gemma4Model
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gemma4_support.ports import free_port
 
 
 def init_parallel_state(device: str | torch.device = "cpu") -> None:
@@ -32,7 +26,7 @@ def init_parallel_state(device: str | torch.device = "cpu") -> None:
         cpu_patches.apply()
     if not dist.is_initialized():
         backend = "gloo" if on_cpu else "nccl"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
 

@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gemma4_support.errors import ServerError
+from gemma4_support.ports import free_port
 
 if TYPE_CHECKING:
     from gemma4_support.serving.client import VLLMClient
@@ -65,13 +65,6 @@ def vllm_distribution() -> str | None:
             continue
         return name
     return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def server_command(
