@@ -62,15 +62,19 @@ def _isnan(value: float) -> bool:
 
 
 def tensor_diff(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """max/mean abs difference, mean-abs-% (of mean |reference|) and relative L2 between two tensors."""
+    """max/mean abs difference, max abs relative to max |reference|, mean-abs-% (of mean |reference|) and relative
+    L2 between two tensors."""
     if reference.shape != candidate.shape:
         raise ValueError(f"shape mismatch: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}")
     ref = reference.detach().to(torch.float64)
     diff = (candidate.detach().to(torch.float64) - ref).abs()
     ref_abs_mean = ref.abs().mean().item()
+    ref_abs_max = ref.abs().max().item() if ref.numel() else 0.0
     ref_norm = ref.norm().item()
+    max_abs = diff.max().item() if diff.numel() else 0.0
     return {
-        "max_abs": diff.max().item() if diff.numel() else 0.0,
+        "max_abs": max_abs,
+        "max_abs_rel": max_abs / ref_abs_max if ref_abs_max > 0 else float(max_abs > 0) * math.inf,
         "mean_abs": diff.mean().item() if diff.numel() else 0.0,
         "mean_abs_pct": 100.0 * diff.mean().item() / ref_abs_mean if ref_abs_mean > 0 else float(diff.sum() > 0) * math.inf,
         "rel_l2": diff.norm().item() / ref_norm if ref_norm > 0 else float(diff.sum() > 0) * math.inf,

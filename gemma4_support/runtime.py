@@ -1,4 +1,11 @@
-"""The process-wide runtime config: set once, frozen, read everywhere."""
+"""The process-wide runtime config: topology and packing capacity, set once at start-up, frozen, read everywhere.
+
+`set_runtime(RuntimeConfig(...))` once per process (an equal value again is a no-op, a different one raises);
+`get_runtime()` raises, naming the call to make, when it was never set. The model builder reads the topology
+(tensor, context and expert parallel sizes: Megatron's parallel state and the attention backend follow it);
+RL packing reads the packing capacity. The model's maximum sequence length is not here: it comes from the
+model's config.
+"""
 from __future__ import annotations
 
 import threading
@@ -6,32 +13,31 @@ from dataclasses import asdict, dataclass
 
 from gemma4_support.errors import RuntimeConfigError
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Topology, packing capacity, device and dtype of this process."""
+    """Topology of this process's model and the packing capacity of its training rows."""
 
     tp: int = 1  # tensor parallel size
     cp: int = 1  # context parallel size
     ep: int = 1  # expert parallel size
-    packed_seq_len: int = 4096  # packing capacity: tokens per packed row
-    device: str = "cpu"
-    dtype: str = "float32"
+    packing_capacity: int = 4096  # tokens per packed training row
 
     def __post_init__(self) -> None:
-        for name in ("tp", "cp", "ep", "packed_seq_len"):
+        for name in ("tp", "cp", "ep", "packing_capacity"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RuntimeConfigError(f"runtime config {name}={value!r} must be a positive integer", f"pass {name}>=1")
-        if self.dtype not in _DTYPES:
-            raise RuntimeConfigError(f"runtime config dtype={self.dtype!r} is not one of {_DTYPES}", "pick one of them")
-        if self.packed_seq_len % (2 * self.cp):
+        if self.packing_capacity % (2 * self.cp):
             raise RuntimeConfigError(
-                f"packed_seq_len={self.packed_seq_len} is not divisible by 2*cp={2 * self.cp} (two chunks per CP rank)",
-                "round packed_seq_len up to a multiple of 2*cp",
+                f"packing_capacity={self.packing_capacity} is not divisible by 2*cp={2 * self.cp} (two chunks per CP rank)",
+                "round packing_capacity up to a multiple of 2*cp",
             )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks one model replica spans (tensor x context parallel)."""
+        return self.tp * self.cp
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -61,13 +67,6 @@ def get_runtime() -> RuntimeConfig:
     if _current is None:
         raise RuntimeConfigError(
             "runtime config read before it was set",
-            "call gemma4_support.runtime.set_runtime(RuntimeConfig(...)) at start-up",
+            "call gemma4_support.runtime.set_runtime(RuntimeConfig(...)) at start-up, before building a model",
         )
     return _current
-
-
-def _reset_for_tests() -> None:
-    """Forget the config (tests only: each test process starts clean)."""
-    global _current
-    with _lock:
-        _current = None

@@ -87,16 +87,21 @@ CP_MASKS_PACKING_INVARIANCE_FP32 = (
     Gate("max_abs", "<=", 1e-4),
     Gate("mean_abs_pct", "<=", 0.01),
 )
-# CP = 2 and CP = 4 (real gloo processes) vs CP = 1: fp32 logits and every parameter's summed gradient.
+# CP = 2 and CP = 4 (real gloo processes) vs CP = 1: fp32 logits (max abs relative to the reference's largest
+# |logit|, the bar the multi-GPU issue states) and every parameter's summed gradient. Why relative: on MoE models
+# each rank runs every expert on fewer tokens, and BLAS rounds a 1-token expert batch (a matrix-vector product)
+# differently from the same row inside a larger batch: measured on this CPU tier (MKL, AVX-512), CP = 4 moves
+# logits of magnitude ~13 by 1.24e-5 (relative 9.5e-7) while the dense fixture and CP = 2 are exact; every
+# broken CP variant moves them by ~14 (relative ~1).
 CP_MASKS_CP_EQUIVALENCE_FP32 = (
-    Gate("logits_max_abs", "<=", 1e-5),
+    Gate("logits_max_abs_rel", "<=", 1e-5),
     Gate("grads_max_abs", "<=", 1e-5),
     Gate("masks_built_during_forward", "==", 0),
     Gate("missing_mask_keys", "==", 0),
 )
 # The flex (BlockMask) path under CP, forward only on CPU, vs CP = 1 dense.
 CP_MASKS_CP_FLEX_FP32 = (
-    Gate("logits_max_abs", "<=", 1e-5),
+    Gate("logits_max_abs_rel", "<=", 1e-5),
     Gate("masks_built_during_forward", "==", 0),
 )
 # Planning a 131,072-token packed row with W = 1024 from its geometry (all windows' BlockMasks).

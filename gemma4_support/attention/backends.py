@@ -1,16 +1,24 @@
-"""Attention backends of the model: how masks are prepared before the forward and how each layer attends.
+"""Attention backends: one object per model that prepares masks before the forward and attends in each layer.
 
+An `AttentionBackend` has three methods, and the model calls nothing else:
+  prepare(position_ids, document_ids, windows, branch_ids) -> PreparedMasks   once per forward, before the layers
+  build_mask(row, window, query_range)                       -> mask          one mask of a packed row (CP chunks)
+  attend(query, key, value, mask)                            -> output        in every layer
+
+Registry (`attention_backend(name, spec, device)`):
 `dense`: boolean masks and eager attention (`core.attend`) — the reference, runs everywhere.
 `flex`: BlockMasks planned from the row's geometry and `flex_attention` — runs compiled, with backward, on
 CUDA; on CPU torch's flex is eager and forward-only, so training there stays dense.
 `auto`: flex on CUDA for head dims up to 256, dense elsewhere and for larger heads: on the H200 (torch 2.11)
 compiled flex_attention for Gemma 4's 512-wide global heads needs 264,192 bytes of shared memory in bf16 and
-fails to compile ("out of resource", limit 232,448); see docs/gpu_flex_attention.md. Head dims listed in
-`dense_head_dims` stay dense under flex (routed around, per window, not failed).
+fails to compile ("out of resource", limit 232,448); see docs/gpu_flex_attention.md. Windows whose layers
+have such heads stay dense under flex (routed around, per window, not failed).
+Context parallelism wraps either (`gemma4_support.parallel.cp_attention.ContextParallelBackend`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,11 +26,12 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from gemma4_support.attention import core
 from gemma4_support.attention.block_masks import block_size_for_head_dim, build_block_mask, flex_attend
-from gemma4_support.attention.masks import Packing, PreparedMasks, dense_mask
+from gemma4_support.attention.masks import PreparedMasks, dense_mask, packing_dense_mask
 from gemma4_support.config.spec import ModelSpec
 from gemma4_support.errors import Gemma4Error
+from gemma4_support.packing import PackedRow
 
-BACKENDS = ("auto", "dense", "flex")
+FLEX_MAX_AUTO_HEAD_DIM = 256
 
 
 def attend_any(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
@@ -32,55 +41,101 @@ def attend_any(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     return core.attend(query, key, value, mask)
 
 
-@dataclass(frozen=True)
-class FlexPlan:
-    """Per window: the block size to plan with, or None to keep that window dense."""
+class AttentionBackend:
+    """How a model's attention masks are prepared and how each layer attends (see the module docstring)."""
 
-    block_sizes: dict[int | None, int | None] = field(default_factory=dict)
+    name = "abstract"
+
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
+        """The mask relating the queries in `query_range` (default: the whole row) to every key of `row`."""
+        raise NotImplementedError
 
     def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
                 branch_ids: torch.Tensor | None = None) -> PreparedMasks:
-        """BlockMasks (dense masks for windows kept dense), keyed by window, for one packed row."""
-        if position_ids.dim() != 2 or position_ids.shape[0] != 1:
-            raise Gemma4Error(f"the flex backend plans one packed row per forward, got ids of shape {tuple(position_ids.shape)}",
-                              "pack the batch into one row (document ids separate the sequences) or use the dense backend")
-        packing = Packing(position_ids[0], document_ids[0], None if branch_ids is None else branch_ids[0])
-        masks: dict[int | None, object] = {}
-        for window in set(windows):
-            size = self.block_sizes.get(window)
-            masks[window] = (dense_mask(position_ids, document_ids, window, branch_ids=branch_ids) if size is None
-                             else build_block_mask(packing, window, size, device=position_ids.device))
-        return PreparedMasks(masks, kind="flex")
+        """One mask per distinct window (None = global), keyed by window, for one packed row ([1, L] ids)."""
+        _require_one_row(position_ids, self.name)
+        row = PackedRow(position_ids[0], document_ids[0], None if branch_ids is None else branch_ids[0])
+        t0 = time.perf_counter()
+        masks = {w: self.build_mask(row, w) for w in set(windows)}
+        return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=self.name)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
+        """(query [b, q_heads, s_q, d], key/value [b, kv_heads, s_k, d], prepared mask) -> [b, q_heads, s_q, d]."""
+        raise NotImplementedError
 
 
-def flex_plan(spec: ModelSpec, dense_head_dims: Iterable[int] = ()) -> FlexPlan:
+class DenseBackend(AttentionBackend):
+    """Boolean masks and eager attention: the reference. Handles any batch of rows."""
+
+    name = "dense"
+
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Boolean [1, q, L] mask (True = may attend)."""
+        return packing_dense_mask(row, window, query_range).unsqueeze(0)
+
+    def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
+                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
+        """Boolean [b, s, s] masks for each distinct window, for a batch of packed rows."""
+        t0 = time.perf_counter()
+        masks = {w: dense_mask(position_ids, document_ids, w, branch_ids=branch_ids) for w in set(windows)}
+        return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=self.name)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
+        """Eager attention (scale 1.0)."""
+        return core.attend(query, key, value, mask)
+
+
+@dataclass(frozen=True)
+class FlexBackend(AttentionBackend):
+    """BlockMasks planned from the row's geometry with a block size per window; a window mapped to None (or
+    absent) stays dense (boolean mask, eager attention)."""
+
+    block_sizes: Mapping[int | None, int | None] = field(default_factory=dict)
+    name = "flex"
+
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
+        """A BlockMask, or a boolean [1, q, L] mask for a window kept dense."""
+        size = self.block_sizes.get(window)
+        if size is None:
+            return packing_dense_mask(row, window, query_range).unsqueeze(0)
+        return build_block_mask(row, window, size, query_range, device=row.position_ids.device)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
+        """flex_attention for a BlockMask, eager attention for a window kept dense."""
+        return attend_any(query, key, value, mask)
+
+
+def flex_backend(spec: ModelSpec, dense_head_dims: Iterable[int] = ()) -> FlexBackend:
     """Block size per window from the head dim of the layers using it (windows of `dense_head_dims` stay dense)."""
     keep_dense = set(dense_head_dims)
     sizes: dict[int | None, int | None] = {}
     for layer in spec.layers:
         sizes[layer.window] = None if layer.head_dim in keep_dense else block_size_for_head_dim(layer.head_dim)
-    return FlexPlan(sizes)
+    return FlexBackend(sizes)
 
 
-def resolve(name: str, device: str | torch.device) -> str:
-    """The concrete backend ("dense" or "flex") for a requested one on a device."""
+def _auto(spec: ModelSpec, device: torch.device) -> AttentionBackend:
+    if device.type != "cuda":
+        return DenseBackend()
+    return flex_backend(spec, {l.head_dim for l in spec.layers if l.head_dim > FLEX_MAX_AUTO_HEAD_DIM})
+
+
+BACKENDS: dict[str, Callable[[ModelSpec, torch.device], AttentionBackend]] = {
+    "auto": _auto,
+    "dense": lambda spec, device: DenseBackend(),
+    "flex": lambda spec, device: flex_backend(spec),
+}
+
+
+def attention_backend(name: str, spec: ModelSpec, device: str | torch.device) -> AttentionBackend:
+    """The backend registered as `name` for `spec` on `device` ("auto": flex on CUDA, dense elsewhere)."""
     if name not in BACKENDS:
         raise Gemma4Error(f"unknown attention backend {name!r}", f"choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        return "flex" if torch.device(device).type == "cuda" else "dense"
-    return name
+    return BACKENDS[name](spec, torch.device(device))
 
 
-FLEX_MAX_AUTO_HEAD_DIM = 256
-
-
-def backend_hooks(name: str, spec: ModelSpec, device: str | torch.device,
-                  dense_head_dims: Iterable[int] | None = None) -> tuple[Callable, Callable]:
-    """(prepare_masks, attend) for the model: the two hooks an attention backend consists of."""
-    from gemma4_support.attention.masks import prepare_dense_masks
-
-    if resolve(name, device) == "dense":
-        return prepare_dense_masks, core.attend
-    if dense_head_dims is None:
-        dense_head_dims = {l.head_dim for l in spec.layers if l.head_dim > FLEX_MAX_AUTO_HEAD_DIM} if name == "auto" else ()
-    return flex_plan(spec, dense_head_dims).prepare, attend_any
+def _require_one_row(position_ids: torch.Tensor, backend: str) -> None:
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise Gemma4Error(f"the {backend} backend plans one packed row per forward, got ids of shape "
+                          f"{tuple(position_ids.shape)}",
+                          "pack the batch into one row (document ids separate the sequences) or use the dense backend")

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from gemma4_support.attention.masks import Packing, PreparedMasks, _check_window, _count_build, allowed
+from gemma4_support.attention.masks import PreparedMasks, allowed, check_window
 from gemma4_support.errors import PackingError
+from gemma4_support.packing import PackedRow
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 BlockSize = int | tuple[int, int]
@@ -66,21 +67,21 @@ def _runs(pos: torch.Tensor, seg: torch.Tensor, br: torch.Tensor, block: int) ->
 
 
 def plan_block_states(
-    packing: Packing,
+    row: PackedRow,
     window: int | None,
     block_size: BlockSize = 128,
     query_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """[query blocks, key blocks] int8 states (0 empty, 1 partial, 2 full) from the row's geometry."""
-    _check_window(window)
+    check_window(window)
     bq, bk = _pair(block_size)
-    L = packing.length
+    L = row.length
     q0, q1 = query_range if query_range is not None else (0, L)
     if not 0 <= q0 < q1 <= L:
         raise PackingError(f"query range {query_range} outside the row of {L} tokens", "fix the range")
-    pos = packing.position_ids.detach().to("cpu", torch.long)
-    seg = packing.segment_ids().to("cpu")
-    br = packing.branches().to("cpu", torch.long)
+    pos = row.position_ids.detach().to("cpu", torch.long)
+    seg = row.segment_ids().to("cpu")
+    br = row.branches().to("cpu", torch.long)
     qr = _runs(pos[q0:q1], seg[q0:q1], br[q0:q1], bq)
     kr = _runs(pos, seg, br, bk)
     nqb, nkb = -(-(q1 - q0) // bq), -(-L // bk)
@@ -116,10 +117,10 @@ def plan_block_states(
     return states
 
 
-def _mask_mod(packing: Packing, window: int | None, q0: int, q1: int, device: torch.device | str):
-    pos = packing.position_ids.to(device)
-    seg = packing.segment_ids().to(device)
-    br = packing.branches().to(device)
+def _mask_mod(row: PackedRow, window: int | None, q0: int, q1: int, device: torch.device | str):
+    pos = row.position_ids.to(device)
+    seg = row.segment_ids().to(device)
+    br = row.branches().to(device)
     qp, qs, qb = pos[q0:q1], seg[q0:q1], br[q0:q1]
 
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's mask_mod signature
@@ -168,19 +169,18 @@ def _allow_all(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's mask_mod s
 
 
 def build_block_mask(
-    packing: Packing,
+    row: PackedRow,
     window: int | None,
     block_size: BlockSize = 128,
     query_range: tuple[int, int] | None = None,
     device: torch.device | str = "cpu",
 ) -> BlockMask:
     """The flex BlockMask of a packed row (queries: `query_range`, default the whole row; keys: the row)."""
-    q0, q1 = query_range if query_range is not None else (0, packing.length)
+    q0, q1 = query_range if query_range is not None else (0, row.length)
     with planning_threads():
-        states = plan_block_states(packing, window, block_size, (q0, q1))
-        _count_build()
+        states = plan_block_states(row, window, block_size, (q0, q1))
         return block_mask_from_states(
-            states, block_size, (q1 - q0, packing.length), _mask_mod(packing, window, q0, q1, device), device
+            states, block_size, (q1 - q0, row.length), _mask_mod(row, window, q0, q1, device), device
         )
 
 
@@ -229,7 +229,7 @@ def block_mask_to_dense(block_mask: BlockMask) -> torch.Tensor:
 
 
 def prepare_block_masks(
-    packing: Packing,
+    row: PackedRow,
     windows: Iterable[int | None],
     block_size: BlockSize | Mapping[int | None, BlockSize] = 128,
     query_range: tuple[int, int] | None = None,
@@ -240,7 +240,7 @@ def prepare_block_masks(
     masks = {}
     for w in set(windows):
         bs = block_size[w] if isinstance(block_size, Mapping) else block_size
-        masks[w] = build_block_mask(packing, w, bs, query_range, device)
+        masks[w] = build_block_mask(row, w, bs, query_range, device)
     return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind="block")
 
 

@@ -1,12 +1,12 @@
-"""The attention "attend" step, in one function: (q, k, v after norms and RoPE, prepared mask) -> output.
+"""Eager attention, the reference kernel: (q, k, v after norms and RoPE, boolean mask) -> output.
 
-The model calls it through a hook (`Gemma4Model.set_attend`), so context parallelism or another kernel
-can replace it without touching model code. Contract of every attend function:
+The dense backend attends with it (`gemma4_support.attention.backends`). The contract every backend's
+attend step keeps:
 
   attend(query [b, q_heads, s_q, d], key [b, kv_heads, s_k, d], value [b, kv_heads, s_k, d], mask) -> [b, q_heads, s_q, d]
 
-with `mask` whatever the model's mask preparation returned for the layer's window (the default: a boolean
-[b, s_q, s_k] tensor, True = may attend). Gemma 4 semantics: scale 1.0, no logit softcap, softmax in fp32,
+with `mask` what the backend prepared for the layer's window (here a boolean [b, s_q, s_k] tensor, True =
+may attend). Gemma 4 semantics: scale 1.0, no logit softcap, softmax in fp32,
 grouped-query attention (kv head h serves query heads h*g .. h*g+g-1).
 """
 from __future__ import annotations

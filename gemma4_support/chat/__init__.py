@@ -1,0 +1,1 @@
+"""Chat templates rendered outside transformers, exactly as transformers and vLLM render them."""

@@ -7,27 +7,24 @@ its query heads, then its key head, then (unless K=V) its value head.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
-from gemma4_support.attention import core
+from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.config.spec import LayerSpec
 from gemma4_support.errors import ConfigError
 from gemma4_support.model import rope
 from gemma4_support.model.norm import Gemma4RMSNorm
 
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
-
 
 class Gemma4Attention(MegatronModule):
-    """Self-attention of one Gemma 4 layer (config = that layer's config from `layer_config`)."""
+    """Self-attention of one Gemma 4 layer (config = that layer's config from `layer_config`); the model's
+    attention backend attends."""
 
-    def __init__(self, config: TransformerConfig, layer: LayerSpec, tp_size: int = 1, attend: AttendFn = core.attend) -> None:
+    def __init__(self, config: TransformerConfig, layer: LayerSpec, backend: AttentionBackend, tp_size: int = 1) -> None:
         super().__init__(config=config)
         self.layer = layer
         self.head_dim = layer.head_dim
@@ -39,7 +36,7 @@ class Gemma4Attention(MegatronModule):
         self.heads_per_group = heads // groups
         self.local_groups = groups // tp_size
         self.slots_per_group = self.heads_per_group + (1 if layer.k_eq_v else 2)  # q heads, k, [v]
-        self.attend = attend
+        self.backend = backend
         tp_group = parallel_state.get_tensor_model_parallel_group()
         self.linear_qkv = ColumnParallelLinear(
             config.hidden_size, groups * self.slots_per_group * self.head_dim, config=config,
@@ -71,7 +68,7 @@ class Gemma4Attention(MegatronModule):
         key = rope.apply_rotary(self.k_layernorm(key), cos, sin)
         value = self.v_layernorm(value)
         # [s, b, n, d] -> [b, n, s, d] for the attend step, and back.
-        out = self.attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), mask)
+        out = self.backend.attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), mask)
         out = out.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)
         out, _ = self.linear_proj(out)
         return out

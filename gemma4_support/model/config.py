@@ -1,5 +1,5 @@
 """ModelSpec -> megatron-core TransformerConfig: one model-wide config plus a per-layer copy
-carrying that layer's head dim, kv heads and window (Gemma 4's geometry differs per layer)."""
+carrying that layer's head dim and kv heads (Gemma 4's geometry differs per layer)."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,10 +62,5 @@ def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.flo
 
 
 def layer_config(config: TransformerConfig, layer: LayerSpec) -> TransformerConfig:
-    """A copy of `config` with one layer's head dim, kv heads and sliding window (Megatron's (W-1, 0))."""
-    return dataclasses.replace(
-        config,
-        kv_channels=layer.head_dim,
-        num_query_groups=layer.num_kv_heads,
-        window_size=(layer.window - 1, 0) if layer.window is not None else None,
-    )
+    """A copy of `config` with one layer's head dim and kv heads (its window lives in the attention masks)."""
+    return dataclasses.replace(config, kv_channels=layer.head_dim, num_query_groups=layer.num_kv_heads)

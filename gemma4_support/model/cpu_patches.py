@@ -38,7 +38,3 @@ def apply() -> None:
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
     _APPLIED = True
 
-
-def applied() -> bool:
-    """Whether `apply` has run in this process."""
-    return _APPLIED

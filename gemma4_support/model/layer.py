@@ -12,15 +12,16 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from gemma4_support.config.spec import LayerSpec
-from gemma4_support.model.attention import AttendFn, Gemma4Attention
+from gemma4_support.attention.backends import AttentionBackend
+from gemma4_support.model.attention import Gemma4Attention
 from gemma4_support.model.mlp import Gemma4MoE, dense_mlp
 from gemma4_support.model.norm import Gemma4RMSNorm
 
 
 class Gemma4DecoderLayer(MegatronModule):
-    """One decoder layer; `config` is the layer's own config (head dim, kv heads, window)."""
+    """One decoder layer; `config` is the layer's own config (head dim, kv heads)."""
 
-    def __init__(self, config: TransformerConfig, layer: LayerSpec, attend: AttendFn, tp_size: int = 1) -> None:
+    def __init__(self, config: TransformerConfig, layer: LayerSpec, backend: AttentionBackend, tp_size: int = 1) -> None:
         super().__init__(config=config)
         self.layer = layer
         self.window = layer.window  # the key of this layer's prepared mask (None = global)
@@ -30,7 +31,7 @@ class Gemma4DecoderLayer(MegatronModule):
             return Gemma4RMSNorm(hidden, eps, dtype=dtype)
 
         self.input_layernorm = norm()
-        self.self_attention = Gemma4Attention(config, layer, tp_size=tp_size, attend=attend)
+        self.self_attention = Gemma4Attention(config, layer, backend, tp_size=tp_size)
         self.post_attention_layernorm = norm()
         self.pre_mlp_layernorm = norm()
         self.mlp = dense_mlp(config)

@@ -2,9 +2,9 @@
 
 Forward takes explicit `position_ids` and `document_ids` [b, s], so packed rows (several documents in one
 row, positions restarting per document) attend only within their document, with windows measured in
-positions. Masks are prepared once per distinct window BEFORE the layers (`prepare_masks`, default dense
-masks) and each layer looks its own up by its window (None = global). The attend step is a hook
-(`set_attend`) so context parallelism can replace it; mask preparation is a hook too (`prepare_masks`).
+positions. The model's attention backend (`gemma4_support.attention.backends`, given at construction:
+dense, flex, or context parallelism around either) prepares one mask per distinct window BEFORE the layers,
+and each layer looks its own up by its window (None = global) and attends through the same backend.
 Megatron layout inside: [s, b, h]; logits come back batch-first [b, s, vocab] like GPTModel's.
 """
 from __future__ import annotations
@@ -16,10 +16,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from gemma4_support.attention import core
-from gemma4_support.attention.masks import PreparedMasks, prepare_dense_masks
+from gemma4_support.attention.backends import AttentionBackend
+from gemma4_support.attention.masks import MaskLookup
 from gemma4_support.config.spec import ModelSpec
-from gemma4_support.model.attention import AttendFn
 from gemma4_support.model.config import layer_config
 from gemma4_support.model.layer import Gemma4DecoderLayer
 from gemma4_support.model.norm import Gemma4RMSNorm
@@ -50,23 +49,24 @@ class Gemma4Embedding(nn.Module):
 class Gemma4Decoder(MegatronModule):
     """The stack of decoder layers and the final RMSNorm."""
 
-    def __init__(self, config: TransformerConfig, spec: ModelSpec, attend: AttendFn, tp_size: int) -> None:
+    def __init__(self, config: TransformerConfig, spec: ModelSpec, backend: AttentionBackend, tp_size: int) -> None:
         super().__init__(config=config)
         self.layers = nn.ModuleList(
-            Gemma4DecoderLayer(layer_config(config, layer), layer, attend, tp_size) for layer in spec.layers
+            Gemma4DecoderLayer(layer_config(config, layer), layer, backend, tp_size) for layer in spec.layers
         )
         self.final_layernorm = Gemma4RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype=config.params_dtype)
 
 
 class Gemma4Model(MegatronModule):
-    """Gemma 4 text model (causal LM) built from megatron-core modules."""
+    """Gemma 4 text model (causal LM) built from megatron-core modules, attending through `backend`."""
 
-    def __init__(self, config: TransformerConfig, spec: ModelSpec, attend: AttendFn = core.attend, tp_size: int = 1) -> None:
+    def __init__(self, config: TransformerConfig, spec: ModelSpec, backend: AttentionBackend, tp_size: int = 1) -> None:
         super().__init__(config=config)
         self.spec = spec
+        self.backend = backend
         self.embedding = Gemma4Embedding(config, spec.vocab_size, spec.pad_token_id)
         self.rotary = RotaryPair(spec)
-        self.decoder = Gemma4Decoder(config, spec, attend, tp_size)
+        self.decoder = Gemma4Decoder(config, spec, backend, tp_size)
         self.output_layer = ColumnParallelLinear(
             config.hidden_size, spec.vocab_size, config=config, init_method=config.init_method, bias=False,
             gather_output=True, skip_weight_param_allocation=spec.tie_word_embeddings,
@@ -74,19 +74,14 @@ class Gemma4Model(MegatronModule):
         )
         self.softcap = spec.final_logit_softcapping
         self.windows = sorted({layer.window for layer in spec.layers}, key=lambda w: (w is None, w or 0))
-        self.prepare_masks = prepare_dense_masks
-
-    def set_attend(self, attend: AttendFn) -> None:
-        """Route every layer's attend step through `attend` (see gemma4_support.attention.core)."""
-        for layer in self.decoder.layers:
-            layer.self_attention.attend = attend
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                masks: PreparedMasks | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+                masks: MaskLookup | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input/position/document ids [b, s] -> logits [b, s, vocab] (softcapped). `branch_ids` [b, s] marks
-        shared-prefix packing (0 = a document's prompt, k = its k-th completion, which never sees a sibling)."""
+        shared-prefix packing (0 = a document's prompt, k = its k-th completion, which never sees a sibling).
+        `masks`: prepared ahead by the backend (default: prepared here, before the layers)."""
         if masks is None:
-            masks = self.prepare_masks(position_ids, document_ids, self.windows, branch_ids)
+            masks = self.backend.prepare(position_ids, document_ids, self.windows, branch_ids)
         rotary = self.rotary(position_ids)
         hidden = self.embedding(input_ids)
         for layer in self.decoder.layers:

@@ -1,18 +1,15 @@
-"""Context parallelism: the load-balanced row planner (`cp_plan`) and CP attention (`cp_attention`)."""
+"""Context parallelism: the load-balanced row planner (`cp_plan`) and the CP attention backend (`cp_attention`)."""
 from gemma4_support.parallel.cp_attention import (
-    ContextParallelAttend,
+    ContextParallelBackend,
     CPLayerMasks,
     CPMasks,
-    FullRowRotary,
     allreduce_grads,
-    context_parallel,
     cp_forward,
     gather_sequence,
 )
-from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan, attention_work, cp_chunk_mask, plan_cp, prepare_cp_masks
+from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan, attention_work, plan_cp
 
 __all__ = [
-    "CPLayerMasks", "CPMaskKey", "CPMasks", "CPPlan", "ContextParallelAttend", "FullRowRotary", "allreduce_grads",
-    "attention_work", "context_parallel", "cp_chunk_mask", "cp_forward", "gather_sequence", "plan_cp",
-    "prepare_cp_masks",
+    "CPLayerMasks", "CPMaskKey", "CPMasks", "CPPlan", "ContextParallelBackend", "allreduce_grads", "attention_work",
+    "cp_forward", "gather_sequence", "plan_cp",
 ]

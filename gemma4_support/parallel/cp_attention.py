@@ -1,32 +1,30 @@
-"""Context-parallel attention: each rank attends its two query chunks against the gathered keys/values.
+"""Context-parallel attention: a backend that wraps another (dense or flex) across the ranks of a CP group.
 
-Wiring into the model (no model code changes): `context_parallel(model, plan, rank, group)` swaps, for
-the duration of a `with` block,
-  * every layer's attend step for `ContextParallelAttend` (the model's `set_attend` hook), and
-  * the model's rotary module for `FullRowRotary`, which builds the cos/sin tables for the original
-    (unsplit) row and gathers them by the local tokens' position ids.
-The model is then called on the rank's local tokens with `masks=CPMasks(prepared, rank)`: each layer's
-`masks.lookup(window)` fetches the prepared (rank, 0, window) and (rank, 1, window) masks — a missing
-one raises `MaskNotPreparedError` naming the key; nothing is built during the forward.
-
-Keys and values are all-gathered along the sequence with autograd (backward sums the key/value
-gradients of every rank and hands each rank its own slice), so gradients of replicated parameters,
-summed over the CP group (`allreduce_grads`), equal the unsplit run's.
+Each rank holds two chunks of a packed row (`cp_plan`). `ContextParallelBackend.prepare_row(row, windows)`
+builds, before the forward, the masks of every (rank, chunk, window) this rank uses, through the wrapped
+backend's `build_mask`; the model then runs the rank's local tokens (`cp_forward`) with
+`masks=CPMasks(...)`. In each layer `attend` all-gathers keys and values along the sequence (with
+autograd: backward sums the key/value gradients of every rank and hands each rank its own slice) and
+attends the front and back query chunks with the wrapped backend. A lookup of an unprepared key raises
+`MaskNotPreparedError` naming it; nothing is built during the forward. Rotary tables need no change: the
+model gathers them by the local tokens' own position ids. Gradients of replicated parameters, summed
+over the CP group (`allreduce_grads`), equal the unsplit run's.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gemma4_support.attention.backends import attend_any
+from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.attention.masks import PreparedMasks
 from gemma4_support.errors import PackingError
-from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan
+from gemma4_support.packing import PackedRow
+from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan, plan_cp
 
 
 @dataclass(frozen=True)
@@ -37,20 +35,22 @@ class CPLayerMasks:
     window: int | None
     front: object
     back: object
+    plan: CPPlan
 
 
 class CPMasks:
     """What the model receives as `masks` under CP: `lookup(window)` returns that window's CPLayerMasks."""
 
-    def __init__(self, prepared: PreparedMasks, rank: int) -> None:
+    def __init__(self, prepared: PreparedMasks, plan: CPPlan, rank: int) -> None:
         self.prepared = prepared
+        self.plan = plan
         self.rank = rank
 
     def lookup(self, window: int | None) -> CPLayerMasks:
         """The (rank, 0, window) and (rank, 1, window) masks; MaskNotPreparedError naming a missing key."""
         front = self.prepared.lookup(CPMaskKey(self.rank, 0, window))
         back = self.prepared.lookup(CPMaskKey(self.rank, 1, window))
-        return CPLayerMasks(self.rank, window, front, back)
+        return CPLayerMasks(self.rank, window, front, back, self.plan)
 
     @property
     def lookups(self) -> int:
@@ -92,70 +92,54 @@ def gather_sequence(x: torch.Tensor, plan: CPPlan, group: dist.ProcessGroup | No
     return gathered.index_select(dim, plan.restore_order().to(x.device))
 
 
-class ContextParallelAttend:
-    """The attend hook under CP: (q, k, v of local tokens [b, heads, 2·chunk, d], CPLayerMasks) -> local output."""
+class ContextParallelBackend(AttentionBackend):
+    """Context parallelism around another backend, over the ranks of `group` (None = the default group)."""
 
-    def __init__(self, plan: CPPlan, rank: int, group: dist.ProcessGroup | None = None) -> None:
-        self.plan, self.rank, self.group = plan, rank, group
+    def __init__(self, inner: AttentionBackend, group: dist.ProcessGroup | None = None) -> None:
+        self.inner = inner
+        self.group = group
+        self.cp_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.name = f"cp{self.cp_size}/{inner.name}"
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
+        """The wrapped backend's mask."""
+        return self.inner.build_mask(row, window, query_range)
+
+    def prepare_row(self, row: PackedRow, windows: Iterable[int | None], ranks: Iterable[int] | None = None) -> CPMasks:
+        """Every (rank, chunk, window) mask of `ranks` (default: this rank) for the whole row, built now."""
+        plan = plan_cp(row.length, self.cp_size)
+        t0 = time.perf_counter()
+        masks = {}
+        for rank in [self.rank] if ranks is None else ranks:
+            for chunk in (0, 1):
+                for w in set(windows):
+                    masks[CPMaskKey(rank, chunk, w)] = self.build_mask(row, w, plan.chunk_range(rank, chunk))
+        prepared = PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=self.name)
+        return CPMasks(prepared, plan, self.rank)
+
+    def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
+                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
+        """Refused: a rank sees only its local tokens, and CP masks need the whole row."""
+        raise PackingError("a context-parallel forward was called without masks: CP masks need the whole packed row",
+                           "run it through gemma4_support.parallel.cp_forward(model, row), or pass "
+                           "masks=model.backend.prepare_row(row, model.windows)")
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
         """Attend the rank's front and back query chunks against the whole row's keys and values."""
         if not isinstance(mask, CPLayerMasks) or mask.rank != self.rank:
             raise PackingError(
                 f"CP attend on rank {self.rank} got {type(mask).__name__} masks"
                 + (f" of rank {mask.rank}" if isinstance(mask, CPLayerMasks) else ""),
-                "call the model with masks=CPMasks(prepare_cp_masks(...), rank)",
+                "call the model with masks=model.backend.prepare_row(row, model.windows)",
             )
         d_k = key.shape[-1]
-        kv = gather_sequence(torch.cat([key, value], dim=-1), self.plan, self.group, dim=2)
+        kv = gather_sequence(torch.cat([key, value], dim=-1), mask.plan, self.group, dim=2)
         full_k, full_v = kv[..., :d_k], kv[..., d_k:]
-        c = self.plan.chunk_len
-        front = attend_any(query[:, :, :c], full_k, full_v, mask.front)
-        back = attend_any(query[:, :, c:], full_k, full_v, mask.back)
+        c = mask.plan.chunk_len
+        front = self.inner.attend(query[:, :, :c], full_k, full_v, mask.front)
+        back = self.inner.attend(query[:, :, c:], full_k, full_v, mask.back)
         return torch.cat([front, back], dim=2)
-
-
-class FullRowRotary(nn.Module):
-    """Rotary tables built for the original (unsplit) row's positions, gathered by the local position ids."""
-
-    def __init__(self, base: nn.Module, full_position_ids: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base
-        self.length = int(full_position_ids.max().item()) + 1
-
-    def forward(self, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer_type: (cos, sin) [s, b, 1, d]} for local position ids [b, s]."""
-        if int(position_ids.max().item()) >= self.length:
-            raise PackingError(
-                f"local position id {int(position_ids.max())} beyond the row's table of {self.length} positions",
-                "shard position ids from the same row the CP context was opened for",
-            )
-        table_positions = torch.arange(self.length, device=position_ids.device)[None]
-        tables = self.base(table_positions)  # {type: (cos [L, 1, 1, d], sin)}
-        idx = position_ids.t()
-        return {t: (cos[:, 0][idx], sin[:, 0][idx]) for t, (cos, sin) in tables.items()}
-
-
-@contextlib.contextmanager
-def context_parallel(
-    model: nn.Module,
-    plan: CPPlan,
-    rank: int,
-    full_position_ids: torch.Tensor,
-    group: dist.ProcessGroup | None = None,
-) -> Iterator[nn.Module]:
-    """Within the block the model runs one CP rank's local tokens (attend hook and full-row rotary swapped in)."""
-    layers = list(model.decoder.layers)
-    saved = [layer.self_attention.attend for layer in layers]
-    base_rotary = model.rotary
-    model.set_attend(ContextParallelAttend(plan, rank, group))
-    model.rotary = FullRowRotary(base_rotary, full_position_ids)
-    try:
-        yield model
-    finally:
-        model.rotary = base_rotary
-        for layer, attend in zip(layers, saved):
-            layer.self_attention.attend = attend
 
 
 def allreduce_grads(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
@@ -165,23 +149,14 @@ def allreduce_grads(model: nn.Module, group: dist.ProcessGroup | None = None) ->
             dist.all_reduce(p.grad, group=group)
 
 
-def cp_forward(
-    model: nn.Module,
-    plan: CPPlan,
-    rank: int,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    document_ids: torch.Tensor,
-    masks: PreparedMasks,
-    group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
-    """One rank's CP forward of a full row [1, L] of ids: returns its local logits [1, 2·chunk, vocab]."""
-    if input_ids.shape != position_ids.shape or input_ids.shape != document_ids.shape or input_ids.shape[0] != 1:
-        raise PackingError(
-            f"ids shapes {tuple(input_ids.shape)}, {tuple(position_ids.shape)}, {tuple(document_ids.shape)} "
-            "are not one matching [1, L] row",
-            "pass one packed row (batch 1) with one id of each kind per token",
-        )
-    shard: Callable[[torch.Tensor], torch.Tensor] = lambda t: plan.shard(t, rank, dim=1)  # noqa: E731
-    with context_parallel(model, plan, rank, position_ids, group):
-        return model(shard(input_ids), shard(position_ids), shard(document_ids), masks=CPMasks(masks, rank))
+def cp_forward(model: nn.Module, row: PackedRow, masks: CPMasks | None = None) -> torch.Tensor:
+    """This rank's forward of a whole packed row with tokens: its local logits [1, 2·chunk, vocab]."""
+    backend = getattr(model, "backend", None)
+    if not isinstance(backend, ContextParallelBackend):
+        raise PackingError(f"cp_forward needs a model built with context parallelism, got backend "
+                           f"{getattr(backend, 'name', None)!r}",
+                           "set RuntimeConfig(cp=N) before build_model, or pass attention=ContextParallelBackend(...)")
+    if masks is None:
+        masks = backend.prepare_row(row, model.windows)
+    local = [masks.plan.shard(t, backend.rank, dim=1) for t in row.model_inputs()]
+    return model(*local, masks=masks)

@@ -6,21 +6,20 @@ on a single long document (exactly equal allowed-pair counts).
 
 Masks are keyed by `CPMaskKey(rank, chunk, window)` — chunk 0 is the rank's front chunk, 1 its back
 chunk — and relate the chunk's queries to the keys of the whole (gathered) row. They are all built by
-`prepare_cp_masks` before the forward; the forward only looks them up (`PreparedMasks.lookup` raises
-`MaskNotPreparedError` naming the missing key).
+`ContextParallelBackend.prepare_row` before the forward; the forward only looks them up
+(`PreparedMasks.lookup` raises `MaskNotPreparedError` naming the missing key).
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from gemma4_support.attention.block_masks import BlockSize, build_block_mask
-from gemma4_support.attention.masks import MaskPredicate, Packing, PreparedMasks, allowed, packing_dense_mask
+from gemma4_support.attention.masks import packing_dense_mask
 from gemma4_support.errors import PackingError
+from gemma4_support.packing import PackedRow
 
 
 class CPMaskKey(NamedTuple):
@@ -99,53 +98,9 @@ def plan_cp(seq_len: int, cp_size: int) -> CPPlan:
     return CPPlan(seq_len, cp_size)
 
 
-def cp_chunk_mask(
-    plan: CPPlan,
-    packing: Packing,
-    key: CPMaskKey,
-    kind: str = "dense",
-    block_size: BlockSize = 128,
-    predicate: MaskPredicate = allowed,
-) -> object:
-    """The mask of one (rank, chunk, window): dense [1, chunk_len, seq_len] bool, or a flex BlockMask."""
-    if packing.length != plan.seq_len:
-        raise PackingError(
-            f"packed row has {packing.length} tokens but the CP plan {plan.seq_len}", "plan the row you pass"
-        )
-    q_range = plan.chunk_range(key.rank, key.chunk)
-    if kind == "dense":
-        return packing_dense_mask(packing, key.window, q_range, predicate).unsqueeze(0)
-    if kind == "block":
-        if predicate is not allowed:
-            raise PackingError("block masks are planned for the standard predicate only", "use kind='dense'")
-        return build_block_mask(packing, key.window, block_size, q_range)
-    raise PackingError(f"mask kind {kind!r} is not 'dense' or 'block'", "pick one of them")
-
-
-def prepare_cp_masks(
-    plan: CPPlan,
-    packing: Packing,
-    windows: Iterable[int | None],
-    ranks: Iterable[int] | None = None,
-    kind: str = "dense",
-    block_size: BlockSize | Mapping[int | None, BlockSize] = 128,
-    predicate: MaskPredicate = allowed,
-) -> PreparedMasks:
-    """Every (rank, chunk, window) mask of `ranks` (default: all), built now, before any forward."""
-    t0 = time.perf_counter()
-    masks = {}
-    for rank in range(plan.cp_size) if ranks is None else ranks:
-        for chunk in (0, 1):
-            for w in set(windows):
-                bs = block_size[w] if isinstance(block_size, Mapping) else block_size
-                key = CPMaskKey(rank, chunk, w)
-                masks[key] = cp_chunk_mask(plan, packing, key, kind, bs, predicate)
-    return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=kind)
-
-
-def attention_work(plan: CPPlan, packing: Packing, window: int | None) -> list[int]:
+def attention_work(plan: CPPlan, row: PackedRow, window: int | None) -> list[int]:
     """Allowed (query, key) pairs per rank for one window: the attention work each rank does."""
     return [
-        sum(int(packing_dense_mask(packing, window, plan.chunk_range(r, c)).sum()) for c in (0, 1))
+        sum(int(packing_dense_mask(row, window, plan.chunk_range(r, c)).sum()) for c in (0, 1))
         for r in range(plan.cp_size)
     ]

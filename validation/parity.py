@@ -12,32 +12,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gemma4_support.convert.checkpoint import megatron_to_hf
+from gemma4_support.loss import token_loss
 from gemma4_support.metrics import logprob_metrics, named_tensor_metrics, routing_agreement
 from gemma4_support.model.router_replay import replay_routing
+from gemma4_support.packing import PackedRow, pack
 
 
-@dataclass
-class Batch:
-    """One row of (possibly packed) documents: ids, positions, document ids, labels and label validity [1, S]."""
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    document_ids: torch.Tensor
-    labels: torch.Tensor
-    valid: torch.Tensor
-    doc_lengths: tuple[int, ...]
-
-    def to(self, device: str | torch.device) -> "Batch":
-        """The batch on `device`."""
-        return Batch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.document_ids, self.labels,
-                                                self.valid)), self.doc_lengths)
-
-
-def make_batch(doc_lengths: tuple[int, ...], vocab_size: int, seed: int, low: int = 0,
-               pad_id: int | None = None) -> Batch:
+def random_row(doc_lengths: tuple[int, ...], vocab_size: int, seed: int, low: int = 0,
+               pad_id: int | None = None) -> PackedRow:
     """A deterministic random row packing documents of the given lengths (token ids in [low, vocab)); `pad_id`
     is planted at position 1 so the pad row's gradient rule (HF's padding_idx) is always exercised."""
     gen = torch.Generator().manual_seed(seed)
@@ -45,12 +29,7 @@ def make_batch(doc_lengths: tuple[int, ...], vocab_size: int, seed: int, low: in
     ids = torch.randint(low, vocab_size, (1, total), generator=gen)
     if pad_id is not None and total > 1:
         ids[0, 1] = pad_id
-    pos = torch.cat([torch.arange(n) for n in doc_lengths])[None]
-    doc = torch.cat([torch.full((n,), k) for k, n in enumerate(doc_lengths)])[None]
-    labels = torch.roll(ids, -1, dims=1)
-    valid = torch.roll(doc, -1, dims=1) == doc
-    valid[:, -1] = False
-    return Batch(ids, pos, doc, labels.masked_fill(~valid, 0), valid, tuple(doc_lengths))
+    return pack(list(doc_lengths)).with_tokens(ids[0])
 
 
 def packed_lengths(total: int, window: int) -> tuple[int, ...]:
@@ -62,11 +41,9 @@ def packed_lengths(total: int, window: int) -> tuple[int, ...]:
     return first, second, total - first - second
 
 
-def token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean cross entropy over labelled positions (computed in fp32)."""
-    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")
-    mask = batch.valid.reshape(-1)
-    return flat[mask].sum() / mask.sum()
+def row_loss(logits: torch.Tensor, row: PackedRow) -> torch.Tensor:
+    """Mean cross entropy over the row's labelled positions."""
+    return token_loss(logits, row.labels, row.loss_mask)
 
 
 @dataclass
@@ -85,41 +62,41 @@ def parameter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters() if p.requires_grad}
 
 
-def hf_side(hf_model: torch.nn.Module, batch: Batch, backward: bool) -> SideResult:
+def hf_side(hf_model: torch.nn.Module, row: PackedRow, backward: bool) -> SideResult:
     """HF reference: every document alone, logits concatenated; optional loss/backward over the whole row."""
     hf_model.zero_grad(set_to_none=True)
     pieces, start = [], 0
     with torch.set_grad_enabled(backward), RoutingCapture(hf_model) as routing:
-        for n in batch.doc_lengths:
-            pieces.append(hf_model(input_ids=batch.input_ids[:, start:start + n], use_cache=False).logits)
+        for n in row.document_lengths():
+            pieces.append(hf_model(input_ids=row.input_ids[None, start:start + n], use_cache=False).logits)
             start += n
         logits = torch.cat(pieces, dim=1)
         if not backward:
             return SideResult(logits.detach(), routing=routing)
-        loss = token_loss(logits, batch)
+        loss = row_loss(logits, row)
         loss.backward()
     return SideResult(logits.detach(), loss.item(), parameter_grads(hf_model), routing)
 
 
-def megatron_side(model: torch.nn.Module, batch: Batch, backward: bool, replay: RoutingCapture | None = None) -> SideResult:
+def megatron_side(model: torch.nn.Module, row: PackedRow, backward: bool, replay: RoutingCapture | None = None) -> SideResult:
     """Megatron candidate: the packed row in one forward with position/document ids; with `replay` (a
     reference's routing), its expert choices are imposed so routing flips at near ties cannot mask numerics."""
     model.zero_grad(set_to_none=True)
-    imposed = replay_routing(model, replay.indices(), batch.input_ids.numel()) if replay and replay.calls else nullcontext()
+    imposed = replay_routing(model, replay.indices(), row.length) if replay and replay.calls else nullcontext()
     with torch.set_grad_enabled(backward), RoutingCapture(model) as routing, imposed:
-        logits = model(batch.input_ids, batch.position_ids, batch.document_ids)
+        logits = model(*row.model_inputs())
         if not backward:
             return SideResult(logits.detach(), routing=routing)
-        loss = token_loss(logits, batch)
+        loss = row_loss(logits, row)
         loss.backward()
     return SideResult(logits.detach(), loss.item(),
                       megatron_to_hf(parameter_grads(model), model.spec, allow_absent_rows=True), routing)
 
 
-def forward_metrics(ref: SideResult, cand: SideResult, batch: Batch, tie_margin: float = 0.0) -> dict[str, float]:
+def forward_metrics(ref: SideResult, cand: SideResult, row: PackedRow, tie_margin: float = 0.0) -> dict[str, float]:
     """Log-prob metrics at every labelled position (label log-probs and full-distribution KL(HF || Megatron)),
     plus routing agreement on MoE models (expert-set flips within `tie_margin` of a tie are not decisive)."""
-    out = logprob_metrics(ref.logits[0], cand.logits[0], batch.labels[0], batch.valid[0])
+    out = logprob_metrics(ref.logits[0], cand.logits[0], row.labels, row.loss_mask)
     if ref.routing is not None and ref.routing.calls and cand.routing is not None and cand.routing.calls:
         out.update(routing_metrics(ref.routing, cand.routing, tie_margin))
     return out
