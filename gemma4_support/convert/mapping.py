@@ -1,8 +1,9 @@
-"""The HF <-> Megatron weight table for Gemma 4: one row per (HF name pattern(s), Megatron name pattern(s),
-transform), read top to bottom. Patterns: `{p}` = the HF text-model prefix (`model.` for `gemma4_text`,
-`model.language_model.` for the multimodal wrapper), `{i}` = layer index, `{e}` = expert index.
+"""The HF <-> Megatron weight table for Gemma 4: one row per (HF name pattern(s), Megatron name pattern, HF shapes,
+transform, condition), read top to bottom. Patterns: `{p}` = the HF text-model prefix (`model.` for `gemma4_text`,
+`model.language_model.` for the multimodal wrapper), `{i}` = layer index, `{e}` = expert index. Shapes are
+functions of the model's dimensions (`Dims`); conditions are functions of the model and the layer.
 
-Layouts on the Megatron side (tensor parallel size 1, full tensors):
+Layouts on the Megatron side (full, unsplit tensors):
 * `linear_qkv`: Megatron's grouped layout — per kv group, its query heads, then its key head, then its value
   head. On full layers with K=V the HF checkpoint has no `v_proj`, and neither does Megatron: per group only
   [queries, key]; V is read from the raw key projection at run time. No v weight is ever invented.
@@ -10,6 +11,11 @@ Layouts on the Megatron side (tensor parallel size 1, full tensors):
 * experts: HF fused `experts.gate_up_proj` [E, 2I, H] (gate = first I rows) and `experts.down_proj` [E, H, I]
   split into per-expert `local_experts.{e}.linear_fc1.weight` [2I, H] / `linear_fc2.weight` [H, I].
 Every transform is exact (views, concatenation, splitting): HF -> Megatron -> HF is bit for bit.
+
+Tensor parallelism: every transform declares how the Megatron tensor it produces is split over tensor-parallel
+ranks (`TPSplit`: the axis, and for gated [gate; up] rows the two blocks split separately so each rank holds
+its share of both); `TPSplit.shard` / `gather` are exact inverses. The grouped `linear_qkv` splits on rows into
+whole kv groups.
 """
 from __future__ import annotations
 
@@ -19,17 +25,52 @@ from dataclasses import dataclass
 import torch
 
 from gemma4_support.config.spec import LayerSpec, ModelSpec
+from gemma4_support.errors import CheckpointError
 
 Tensors = Sequence[torch.Tensor]
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TPSplit:
+    """How a Megatron tensor is split over tensor-parallel ranks: along `axis` (None = replicated), its `parts`
+    equal blocks along that axis each split separately (2 for gated [gate; up] rows)."""
+
+    axis: int | None
+    parts: int = 1
+
+    def shard(self, tensor: torch.Tensor, tp_size: int, rank: int) -> torch.Tensor:
+        """The slice tensor-parallel rank `rank` of `tp_size` holds."""
+        if self.axis is None or tp_size == 1:
+            return tensor
+        size = tensor.shape[self.axis]
+        if size % (self.parts * tp_size):
+            raise CheckpointError(f"a tensor of shape {tuple(tensor.shape)} cannot be split into {tp_size} tensor-"
+                                  f"parallel shards along axis {self.axis} ({self.parts} block(s))",
+                                  "choose a tensor parallel size that divides the model's heads and widths")
+        blocks = torch.chunk(tensor, self.parts, dim=self.axis)
+        return torch.cat([torch.chunk(b, tp_size, dim=self.axis)[rank] for b in blocks], dim=self.axis).contiguous()
+
+    def gather(self, shards: Tensors) -> torch.Tensor:
+        """The full tensor from every rank's shard (in rank order); inverse of `shard`."""
+        if self.axis is None or len(shards) == 1:
+            return shards[0]
+        per_rank = [torch.chunk(s, self.parts, dim=self.axis) for s in shards]
+        return torch.cat([torch.cat([r[b] for r in per_rank], dim=self.axis) for b in range(self.parts)], dim=self.axis)
+
+
+REPLICATED, ROWS, COLUMNS, GATED_ROWS = TPSplit(None), TPSplit(0), TPSplit(1), TPSplit(0, parts=2)
 
 
 @dataclass(frozen=True)
 class Transform:
-    """A pair of exact, mutually inverse functions between HF tensors and Megatron tensors of one row."""
+    """A pair of exact, mutually inverse functions between HF tensors and Megatron tensors of one row, and how
+    the Megatron tensors split over tensor-parallel ranks."""
 
     name: str
     to_megatron: Callable[[Tensors, ModelSpec, LayerSpec | None], list[torch.Tensor]]
     to_hf: Callable[[Tensors, ModelSpec, LayerSpec | None], list[torch.Tensor]]
+    tp: TPSplit
 
 
 def _same(tensors: Tensors, spec: ModelSpec, layer: LayerSpec | None) -> list[torch.Tensor]:
@@ -77,30 +118,73 @@ def _stack(tensors: Tensors, spec: ModelSpec, layer: LayerSpec | None) -> list[t
     return [torch.stack(list(tensors), dim=0)]
 
 
-IDENTITY = Transform("identity", _same, _same)
-QKV = Transform("fuse q,k[,v] into Megatron's grouped linear_qkv", _fuse_qkv, _split_qkv)
-GATE_UP = Transform("concatenate [gate; up] rows", _cat_rows, _halve_rows)
-PER_EXPERT = Transform("split the fused expert tensor along experts", _unstack, _stack)
+REPLICATE = Transform("copy, replicated over TP", _same, _same, REPLICATED)
+SPLIT_ROWS = Transform("copy, rows split over TP (column/vocab parallel)", _same, _same, ROWS)
+SPLIT_COLUMNS = Transform("copy, columns split over TP (row parallel)", _same, _same, COLUMNS)
+QKV = Transform("fuse q,k[,v] into Megatron's grouped linear_qkv", _fuse_qkv, _split_qkv, ROWS)
+GATE_UP = Transform("concatenate [gate; up] rows", _cat_rows, _halve_rows, GATED_ROWS)
+EXPERTS_GATE_UP = Transform("split the fused experts; each [gate; up]", _unstack, _stack, GATED_ROWS)
+EXPERTS_DOWN = Transform("split the fused experts", _unstack, _stack, COLUMNS)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The dimensions row shapes are written in: V vocab, H hidden, nq query heads, I dense MLP width, E experts,
+    Ie expert width; per layer kv kv heads and d head dim."""
+
+    V: int
+    H: int
+    nq: int
+    I: int  # noqa: E741 - the width's usual symbol
+    E: int = 0
+    Ie: int = 0
+    kv: int = 0
+    d: int = 0
+
+    @classmethod
+    def of(cls, spec: ModelSpec, layer: LayerSpec | None) -> Dims:
+        """The dimensions of `spec` (and of `layer`, for per-layer rows)."""
+        moe = spec.moe
+        return cls(V=spec.vocab_size, H=spec.hidden_size, nq=spec.num_attention_heads, I=spec.intermediate_size,
+                   E=moe.num_experts if moe else 0, Ie=moe.expert_intermediate_size if moe else 0,
+                   kv=layer.num_kv_heads if layer else 0, d=layer.head_dim if layer else 0)
+
 
 # Row conditions: which models / layers a row applies to.
-ALWAYS = "always"
-UNTIED = "untied"  # the model has its own lm_head
-MOE = "moe"  # the layer has routed experts
-HAS_V = "has_v"  # the layer has a v projection
-K_EQ_V = "k_eq_v"  # full layer with K=V: no v projection
+def always(spec: ModelSpec, layer: LayerSpec | None) -> bool:
+    """Every model (and every layer, for per-layer rows)."""
+    return True
+
+
+def untied(spec: ModelSpec, layer: LayerSpec | None) -> bool:
+    """The model has its own lm_head (tied models: lm_head IS the embedding)."""
+    return not spec.tie_word_embeddings
+
+
+def moe_layer(spec: ModelSpec, layer: LayerSpec | None) -> bool:
+    """The layer has routed experts."""
+    return layer is not None and layer.mlp == "moe"
+
+
+def has_v(spec: ModelSpec, layer: LayerSpec | None) -> bool:
+    """The layer has a v projection."""
+    return layer is not None and not layer.k_eq_v
+
+
+def k_eq_v(spec: ModelSpec, layer: LayerSpec | None) -> bool:
+    """A full layer with K=V: no v projection."""
+    return layer is not None and layer.k_eq_v
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One row: HF name pattern(s) with their shapes <-> Megatron name pattern(s), the transform, and when
-    the row applies. Shapes are written in the symbols of `_symbols` (V vocab, H hidden, nq query heads,
-    kv kv heads, d head dim, I dense MLP width, E experts, Ie expert width)."""
+    """One row: HF name pattern(s) with their shapes <-> a Megatron name pattern, the transform, and when it applies."""
 
     hf: tuple[str, ...]
-    hf_shapes: tuple[str, ...]
-    megatron: tuple[str, ...]
-    transform: Transform = IDENTITY
-    when: str = ALWAYS
+    shapes: Callable[[Dims], tuple[Shape, ...]]
+    megatron: str
+    transform: Transform = REPLICATE
+    when: Callable[[ModelSpec, LayerSpec | None], bool] = always
 
     @property
     def per_layer(self) -> bool:
@@ -111,42 +195,53 @@ class Rule:
 L, M = "{p}layers.{i}.", "decoder.layers.{i}."
 
 
-def _row(hf: str | tuple[str, ...], shapes: str | tuple[str, ...], megatron: str, transform: Transform = IDENTITY,
-         when: str = ALWAYS) -> Rule:
-    as_tuple = lambda x: x if isinstance(x, tuple) else (x,)  # noqa: E731
-    return Rule(as_tuple(hf), as_tuple(shapes), (megatron,), transform, when)
+def _row(hf: str | tuple[str, ...], shapes: Callable[[Dims], Shape | tuple[Shape, ...]], megatron: str,
+         transform: Transform = REPLICATE, when: Callable[[ModelSpec, LayerSpec | None], bool] = always) -> Rule:
+    names = hf if isinstance(hf, tuple) else (hf,)
+    one = len(names) == 1
+    return Rule(names, (lambda g: (shapes(g),)) if one else shapes, megatron, transform, when)
+
+
+def _hidden(g: Dims) -> Shape:
+    return (g.H,)
 
 
 TABLE: tuple[Rule, ...] = (
-    _row("{p}embed_tokens.weight", "V,H", "embedding.word_embeddings.weight"),
-    _row("lm_head.weight", "V,H", "output_layer.weight", when=UNTIED),  # tied models: lm_head IS the embedding
-    _row("{p}norm.weight", "H", "decoder.final_layernorm.weight"),
+    _row("{p}embed_tokens.weight", lambda g: (g.V, g.H), "embedding.word_embeddings.weight", SPLIT_ROWS),
+    _row("lm_head.weight", lambda g: (g.V, g.H), "output_layer.weight", SPLIT_ROWS, when=untied),
+    _row("{p}norm.weight", _hidden, "decoder.final_layernorm.weight"),
     # attention
-    _row(L + "input_layernorm.weight", "H", M + "input_layernorm.weight"),
+    _row(L + "input_layernorm.weight", _hidden, M + "input_layernorm.weight"),
     _row((L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight", L + "self_attn.v_proj.weight"),
-         ("nq*d,H", "kv*d,H", "kv*d,H"), M + "self_attention.linear_qkv.weight", QKV, when=HAS_V),
+         lambda g: ((g.nq * g.d, g.H), (g.kv * g.d, g.H), (g.kv * g.d, g.H)),
+         M + "self_attention.linear_qkv.weight", QKV, when=has_v),
     _row((L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight"),  # K=V: no v_proj anywhere
-         ("nq*d,H", "kv*d,H"), M + "self_attention.linear_qkv.weight", QKV, when=K_EQ_V),
-    _row(L + "self_attn.q_norm.weight", "d", M + "self_attention.q_layernorm.weight"),
-    _row(L + "self_attn.k_norm.weight", "d", M + "self_attention.k_layernorm.weight"),
-    _row(L + "self_attn.o_proj.weight", "H,nq*d", M + "self_attention.linear_proj.weight"),
-    _row(L + "post_attention_layernorm.weight", "H", M + "post_attention_layernorm.weight"),
+         lambda g: ((g.nq * g.d, g.H), (g.kv * g.d, g.H)),
+         M + "self_attention.linear_qkv.weight", QKV, when=k_eq_v),
+    _row(L + "self_attn.q_norm.weight", lambda g: (g.d,), M + "self_attention.q_layernorm.weight"),
+    _row(L + "self_attn.k_norm.weight", lambda g: (g.d,), M + "self_attention.k_layernorm.weight"),
+    _row(L + "self_attn.o_proj.weight", lambda g: (g.H, g.nq * g.d), M + "self_attention.linear_proj.weight",
+         SPLIT_COLUMNS),
+    _row(L + "post_attention_layernorm.weight", _hidden, M + "post_attention_layernorm.weight"),
     # dense MLP (the "shared expert" on MoE layers)
-    _row(L + "pre_feedforward_layernorm.weight", "H", M + "pre_mlp_layernorm.weight"),
-    _row((L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), ("I,H", "I,H"), M + "mlp.linear_fc1.weight", GATE_UP),
-    _row(L + "mlp.down_proj.weight", "H,I", M + "mlp.linear_fc2.weight"),
+    _row(L + "pre_feedforward_layernorm.weight", _hidden, M + "pre_mlp_layernorm.weight"),
+    _row((L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), lambda g: ((g.I, g.H), (g.I, g.H)),
+         M + "mlp.linear_fc1.weight", GATE_UP),
+    _row(L + "mlp.down_proj.weight", lambda g: (g.H, g.I), M + "mlp.linear_fc2.weight", SPLIT_COLUMNS),
     # routed experts (MoE layers)
-    _row(L + "post_feedforward_layernorm_1.weight", "H", M + "post_mlp_layernorm.weight", when=MOE),
-    _row(L + "pre_feedforward_layernorm_2.weight", "H", M + "pre_moe_layernorm.weight", when=MOE),
-    _row(L + "router.proj.weight", "E,H", M + "moe.router.weight", when=MOE),
-    _row(L + "router.scale", "H", M + "moe.router.scale", when=MOE),
-    _row(L + "router.per_expert_scale", "E", M + "moe.router.per_expert_scale", when=MOE),
-    _row(L + "experts.gate_up_proj", "E,2*Ie,H", M + "moe.experts.local_experts.{e}.linear_fc1.weight", PER_EXPERT, when=MOE),
-    _row(L + "experts.down_proj", "E,H,Ie", M + "moe.experts.local_experts.{e}.linear_fc2.weight", PER_EXPERT, when=MOE),
-    _row(L + "post_feedforward_layernorm_2.weight", "H", M + "post_moe_layernorm.weight", when=MOE),
+    _row(L + "post_feedforward_layernorm_1.weight", _hidden, M + "post_mlp_layernorm.weight", when=moe_layer),
+    _row(L + "pre_feedforward_layernorm_2.weight", _hidden, M + "pre_moe_layernorm.weight", when=moe_layer),
+    _row(L + "router.proj.weight", lambda g: (g.E, g.H), M + "moe.router.weight", when=moe_layer),
+    _row(L + "router.scale", _hidden, M + "moe.router.scale", when=moe_layer),
+    _row(L + "router.per_expert_scale", lambda g: (g.E,), M + "moe.router.per_expert_scale", when=moe_layer),
+    _row(L + "experts.gate_up_proj", lambda g: (g.E, 2 * g.Ie, g.H), M + "moe.experts.local_experts.{e}.linear_fc1.weight",
+         EXPERTS_GATE_UP, when=moe_layer),
+    _row(L + "experts.down_proj", lambda g: (g.E, g.H, g.Ie), M + "moe.experts.local_experts.{e}.linear_fc2.weight",
+         EXPERTS_DOWN, when=moe_layer),
+    _row(L + "post_feedforward_layernorm_2.weight", _hidden, M + "post_moe_layernorm.weight", when=moe_layer),
     # layer output
-    _row(L + "post_feedforward_layernorm.weight", "H", M + "post_ffn_layernorm.weight"),
-    _row(L + "layer_scalar", "1", M + "layer_scalar"),
+    _row(L + "post_feedforward_layernorm.weight", _hidden, M + "post_ffn_layernorm.weight"),
+    _row(L + "layer_scalar", lambda g: (1,), M + "layer_scalar"),
 )
 
 # Tensors of the multimodal wrapper that are not part of the text model: reported, never loaded.
@@ -158,39 +253,12 @@ def hf_prefix(spec: ModelSpec) -> str:
     return "model.language_model." if spec.wrapped else "model."
 
 
-def _applies(rule: Rule, spec: ModelSpec, layer: LayerSpec | None) -> bool:
-    if rule.when == ALWAYS:
-        return True
-    if rule.when == UNTIED:
-        return not spec.tie_word_embeddings
-    if rule.when == MOE:
-        return layer is not None and layer.mlp == "moe"
-    if rule.when == K_EQ_V:
-        return layer is not None and layer.k_eq_v
-    if rule.when == HAS_V:
-        return layer is not None and not layer.k_eq_v
-    raise ValueError(f"unknown row condition {rule.when!r}")
-
-
-def _symbols(spec: ModelSpec, layer: LayerSpec | None) -> dict[str, int]:
-    sym = {"V": spec.vocab_size, "H": spec.hidden_size, "nq": spec.num_attention_heads, "I": spec.intermediate_size}
-    if spec.moe:
-        sym.update(E=spec.moe.num_experts, Ie=spec.moe.expert_intermediate_size)
-    if layer is not None:
-        sym.update(kv=layer.num_kv_heads, d=layer.head_dim)
-    return sym
-
-
-def _shape(expr: str, symbols: dict[str, int]) -> tuple[int, ...]:
-    return tuple(int(eval(term, {"__builtins__": {}}, symbols)) for term in expr.split(","))  # our own table only
-
-
 @dataclass(frozen=True)
 class Entry:
     """One instantiated row: concrete HF names and shapes, concrete Megatron names, the transform and the layer."""
 
     hf: tuple[str, ...]
-    hf_shapes: tuple[tuple[int, ...], ...]
+    hf_shapes: tuple[Shape, ...]
     megatron: tuple[str, ...]
     transform: Transform
     layer: LayerSpec | None
@@ -204,16 +272,18 @@ def entries(spec: ModelSpec) -> list[Entry]:
     for rule in TABLE:
         layers: Sequence[LayerSpec | None] = spec.layers if rule.per_layer else (None,)
         for layer in layers:
-            if not _applies(rule, spec, layer):
+            if not rule.when(spec, layer):
                 continue
             i = layer.index if layer is not None else None
             hf = tuple(p.format(p=prefix, i=i) for p in rule.hf)
-            megatron = []
-            for pattern in rule.megatron:
-                if "{e}" in pattern:
-                    megatron += [pattern.format(i=i, e=e) for e in experts]
-                else:
-                    megatron.append(pattern.format(i=i))
-            shapes = tuple(_shape(expr, _symbols(spec, layer)) for expr in rule.hf_shapes)
-            out.append(Entry(hf, shapes, tuple(megatron), rule.transform, layer))
+            if "{e}" in rule.megatron:
+                megatron = tuple(rule.megatron.format(i=i, e=e) for e in experts)
+            else:
+                megatron = (rule.megatron.format(i=i),)
+            out.append(Entry(hf, rule.shapes(Dims.of(spec, layer)), megatron, rule.transform, layer))
     return out
+
+
+def hf_inventory(spec: ModelSpec) -> dict[str, Shape]:
+    """Every HF tensor a checkpoint of `spec` holds, with its shape (tied models: no lm_head)."""
+    return {name: shape for e in entries(spec) for name, shape in zip(e.hf, e.hf_shapes)}

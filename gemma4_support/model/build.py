@@ -58,7 +58,8 @@ def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, device: 
     """A Gemma 4 megatron-core model for `spec` (weights uninitialised: load them next).
 
     `attention`: a registered backend name — "auto" (flex on CUDA, dense elsewhere), "dense" (the reference) or
-    "flex" — wrapped in context parallelism when the runtime config's cp > 1; or a backend object, used as given.
+    "flex" — or a backend object; wrapped in context parallelism over Megatron's CP group when the runtime
+    config's cp > 1 (a `ContextParallelBackend` given here is used as it is).
     """
     from megatron.core import parallel_state
 
@@ -66,12 +67,9 @@ def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, device: 
     if runtime.tp > 1 or runtime.ep > 1:
         raise RuntimeConfigError(f"tensor parallel size {runtime.tp} / expert parallel size {runtime.ep}: weight "
                                  "loading is implemented for full (unsplit) tensors only", "run with tp=1 and ep=1")
-    if isinstance(attention, AttentionBackend):
-        backend = attention
-    else:
-        backend = attention_backend(attention, spec, device)
-        if runtime.cp > 1:
-            backend = ContextParallelBackend(backend, parallel_state.get_context_parallel_group())
+    backend = attention if isinstance(attention, AttentionBackend) else attention_backend(attention, spec, device)
+    if runtime.cp > 1 and not isinstance(backend, ContextParallelBackend):
+        backend = ContextParallelBackend(backend, parallel_state.get_context_parallel_group())
     config = transformer_config(spec, params_dtype=dtype)
     model = Gemma4Model(config, spec, backend, tp_size=parallel_state.get_tensor_model_parallel_world_size())
     return model.to(device)
