@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from gemma4_support.chat.template import render
 from gemma4_support.errors import TokenizationError
+from gemma4_support.serving.wire import template_messages
 
 __all__ = ["SFTExample", "SFTReport", "sft_tokenize", "assistant_char_spans", "encode_with_offsets"]
 
@@ -69,14 +70,10 @@ def assistant_char_spans(
     *,
     tools: Sequence[Mapping[str, Any]] | None = None,
     enable_thinking: bool = False,
-    template: str | None = None,
+    template: str,
     train_on: Literal["all", "last"] = "all",
 ) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering and the ``[start, end)`` character spans the model generates, per assistant message."""
-    from gemma4_support.chat.template import CHAT_TEMPLATE
-    from gemma4_support.serving.client import template_messages
-
-    template = template or CHAT_TEMPLATE
     msgs = template_messages(messages)
     tools = list(tools) if tools else None
     full = render(msgs, tools=tools, enable_thinking=enable_thinking, template=template)
@@ -92,7 +89,7 @@ def assistant_char_spans(
             raise TokenizationError(
                 f"the chat template is not append-only at message {k}: rendering messages[:{k + 1}] is not a "
                 "prefix of the full rendering",
-                "use an append-only template (gemma4_support.chat.template.CHAT_TEMPLATE) for SFT labels",
+                "use an append-only chat template for SFT labels",
             )
         start, end = len(head), len(upto)
         if upto.endswith(_TURN_END + "\n"):
@@ -107,7 +104,7 @@ def sft_tokenize(
     conversations: Sequence[Sequence[Mapping[str, Any]] | Mapping[str, Any]],
     *,
     max_length: int,
-    tokenizer: Any = None,
+    tokenizer: Any,
     template: str | None = None,
     train_on: Literal["all", "last"] = "all",
     tools: Sequence[Mapping[str, Any]] | None = None,
@@ -116,16 +113,17 @@ def sft_tokenize(
     """Tokenize conversations for SFT with assistant-only labels; drop (and count) those over ``max_length``.
 
     A conversation is a list of messages or a dict with ``messages`` and optional ``tools`` /
-    ``enable_thinking``. ``train_on="last"`` labels only the last assistant message.
+    ``enable_thinking``. ``train_on="last"`` labels only the last assistant message. ``tokenizer``: a
+    ``tokenizers.Tokenizer`` or an HF fast tokenizer; ``template`` defaults to the tokenizer's ``chat_template``.
     """
     if train_on not in ("all", "last"):
         raise TokenizationError(f"train_on={train_on!r}", "use 'all' or 'last'")
     if max_length <= 0:
         raise TokenizationError(f"max_length={max_length}", "pass a positive maximum sequence length")
-    if tokenizer is None:
-        from gemma4_support.chat.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer()
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise TokenizationError("no chat template: the tokenizer carries none and none was passed",
+                                "pass template=... (the checkpoint's chat_template.jinja) or an HF tokenizer that has one")
     report = SFTReport(conversations=len(conversations), max_length=max_length)
     examples: list[SFTExample] = []
     for idx, conv in enumerate(conversations):

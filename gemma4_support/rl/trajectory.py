@@ -4,7 +4,7 @@ A `Trajectory` is what a rollout produced: the conversation ``messages`` (for re
 re-rendered for RL), the ordered ``choices`` of the main history (one per model call), and any
 ``additional_histories`` (further ordered choice lists of the same rollout, e.g. a sub-agent's or a
 summariser's calls). A choice is whatever the client returned: an OpenAI-client ``Choice`` whose
-``model_extra`` carries ``prompt_token_ids`` / ``token_ids`` (what `gemma4_support.serving.client`
+``model_extra`` carries ``prompt_token_ids`` / ``token_ids`` (what `gemma4_support.serving.wire`
 produces), the same as a plain dict, or a `SampledChoice`. `read_choice` turns any of them into a
 validated `SampledChoice`.
 """
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gemma4_support.errors import ServerError, TokenizationError
+from gemma4_support.serving.wire import choice_logprobs, decode_routed_experts, normalize_token_ids
 
 __all__ = [
     "SampledChoice",
@@ -145,8 +146,6 @@ def read_choice(obj: Any, where: ChoiceRef | str, *, vocab_size: int | None = No
     log-prob count differs from the completion length, a log-prob is NaN, or an id is outside
     ``[0, vocab_size)``.
     """
-    from gemma4_support.serving.client import choice_logprobs, decode_routed_experts, normalize_token_ids
-
     if isinstance(obj, SampledChoice):
         prompt, completion, lps = list(obj.prompt_token_ids), list(obj.token_ids), obj.logprobs
         finish, routed = obj.finish_reason, obj.routed_experts

@@ -1,141 +1,32 @@
 """Client side of a vLLM OpenAI server: requests that return token ids, normalised onto each choice.
 
-Every chat completion is requested with ``return_token_ids`` (and ``logprobs``, ``skip_special_tokens``
-off by default). vLLM answers with the prompt ids at the top level of a chat response and the sampled
-ids on each choice; `VLLMClient.chat` stores both **on each choice** (in the OpenAI client's
-``model_extra``, as vLLM's own extra fields arrive there), as plain ``list[int]``, so a `Choice` is
-self-contained for RL tokenization: ``choice.model_extra["prompt_token_ids"]``,
-``choice.model_extra["token_ids"]``. When the server returns MoE routing (``routed_experts``, base64
-``.npy``), it is decoded in place into a numpy array of shape ``[tokens - 1, layers, top_k]``.
+Every request asks for ``return_token_ids`` (and ``logprobs``; ``skip_special_tokens`` off by default); the
+answer's ids are stored on each choice (`gemma4_support.serving.wire.normalize_choice`), so a choice is
+self-contained for RL tokenization: ``choice.model_extra["prompt_token_ids"]``, ``choice.model_extra["token_ids"]``.
 """
 from __future__ import annotations
 
-import base64
-import io
-import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import numpy as np
+from typing import Any
 
 from gemma4_support.errors import ServerError
+from gemma4_support.serving.wire import extra_fields, normalize_choice, normalize_token_ids
 
-__all__ = [
-    "VLLMClient",
-    "normalize_token_ids",
-    "decode_routed_experts",
-    "normalize_choice",
-    "choice_logprobs",
-    "template_messages",
-]
+__all__ = ["VLLMClient"]
 
 
-def normalize_token_ids(value: Any, what: str) -> list[int] | None:
-    """``value`` (list of ints, numpy array, tuple, None) as a plain ``list[int]``; rejects anything else."""
-    if value is None:
-        return None
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ServerError(f"{what} is {type(value).__name__}, not a list of token ids",
-                          "request return_token_ids=True from a vLLM server")
-    out = []
-    for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            else:
-                raise ServerError(f"{what}[{i}] = {v!r} is not an integer token id",
-                                  "pass the ids exactly as vLLM returned them")
-        out.append(int(v))
-    return out
-
-
-def decode_routed_experts(value: Any) -> "np.ndarray | None":
-    """vLLM's ``routed_experts`` (base64 ``.npy``) as a numpy array ``[tokens - 1, layers, top_k]``; arrays pass through."""
-    import numpy as np
-
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)):
-        return np.asarray(value)
-    if not isinstance(value, str):
-        raise ServerError(f"routed_experts is {type(value).__name__}, expected a base64 .npy string",
-                          "use a vLLM server started with enable_return_routed_experts")
-    try:
-        arr = np.load(io.BytesIO(base64.b64decode(value)), allow_pickle=False)
-    except Exception as exc:
-        raise ServerError(f"routed_experts could not be decoded as base64 .npy ({exc})",
-                          "check the vLLM version; routed_experts must be base64-encoded numpy bytes") from None
-    if arr.ndim != 3:
-        raise ServerError(f"routed_experts has shape {arr.shape}, expected [tokens - 1, layers, top_k]",
-                          "check the vLLM version's routed_experts layout")
-    return arr
-
-
-def _extra(obj: Any) -> dict:
-    """The dict holding vLLM's extra fields of an OpenAI-client object (its ``model_extra``)."""
-    extra = getattr(obj, "__pydantic_extra__", None)
-    if extra is None:
-        object.__setattr__(obj, "__pydantic_extra__", {})
-        extra = obj.__pydantic_extra__
-    return extra
-
-
-def normalize_choice(choice: Any, prompt_token_ids: Any = None) -> Any:
-    """Store ``prompt_token_ids`` / ``token_ids`` on ``choice`` as int lists and decode ``routed_experts`` (in place)."""
-    if isinstance(choice, dict):
-        store = choice
-    else:
-        store = _extra(choice)
-    idx = store.get("index", getattr(choice, "index", "?"))
-    prompt = store.get("prompt_token_ids", prompt_token_ids)
-    if prompt is None:
-        prompt = prompt_token_ids
-    store["prompt_token_ids"] = normalize_token_ids(prompt, f"choice {idx} prompt_token_ids")
-    store["token_ids"] = normalize_token_ids(store.get("token_ids"), f"choice {idx} token_ids")
-    if store.get("routed_experts") is not None:
-        store["routed_experts"] = decode_routed_experts(store["routed_experts"])
-    return choice
-
-
-def choice_logprobs(choice: Any) -> list[float] | None:
-    """The sampled tokens' log-probs of a chat or completions choice (object or dict); None when absent."""
-    lp = choice.get("logprobs") if isinstance(choice, dict) else getattr(choice, "logprobs", None)
-    if lp is None:
-        return None
-    content = lp.get("content") if isinstance(lp, dict) else getattr(lp, "content", None)
-    if content is not None:  # chat: list of {token, logprob, ...}
-        return [float(c["logprob"] if isinstance(c, dict) else c.logprob) for c in content]
-    tokens = lp.get("token_logprobs") if isinstance(lp, dict) else getattr(lp, "token_logprobs", None)
-    if tokens is not None:  # completions
-        return [float(x) for x in tokens]
-    return None
-
-
-def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Messages as vLLM hands them to the chat template: OpenAI JSON-string tool arguments decoded to dicts."""
-    out = []
-    for m in messages:
-        m = json.loads(json.dumps(m))  # deep copy, plain types
-        for call in m.get("tool_calls") or []:
-            fn = call.get("function", call)
-            args = fn.get("arguments")
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args) if args else {}
-                except json.JSONDecodeError:
-                    args = {}
-                fn["arguments"] = args if isinstance(args, dict) else {}
-            elif not args:
-                fn["arguments"] = {}
-        if "tool_calls" in m and not m["tool_calls"]:
-            m.pop("tool_calls")
-        out.append(m)
-    return out
+def _request(model: str, *, max_tokens: int, temperature: float, n: int, seed: int | None,
+             skip_special_tokens: bool, vllm_fields: Mapping[str, Any], extra_body: Mapping[str, Any] | None,
+             **fields: Any) -> dict[str, Any]:
+    """The OpenAI-client arguments of one request: the standard fields, then vLLM's own in ``extra_body``."""
+    body: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": skip_special_tokens, **vllm_fields}
+    if extra_body:
+        body.update(extra_body)
+    args: dict[str, Any] = dict(model=model, max_tokens=max_tokens, temperature=temperature, n=n, extra_body=body)
+    if seed is not None:
+        args["seed"] = seed
+    args.update({k: v for k, v in fields.items() if v is not None})
+    return args
 
 
 class VLLMClient:
@@ -168,33 +59,25 @@ class VLLMClient:
         **kwargs: Any,
     ) -> Any:
         """One chat completion with ``return_token_ids``; each choice carries ``prompt_token_ids`` and ``token_ids``."""
-        body: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": skip_special_tokens}
+        vllm_fields: dict[str, Any] = {}
         if enable_thinking is not None:
-            body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+            vllm_fields["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
         if chat_template is not None:
-            body["chat_template"] = chat_template
+            vllm_fields["chat_template"] = chat_template
         if continue_final_message:
-            body["continue_final_message"] = True
-            body["add_generation_prompt"] = False
+            vllm_fields.update(continue_final_message=True, add_generation_prompt=False)
         if allowed_token_ids is not None:
-            body["allowed_token_ids"] = list(allowed_token_ids)
-        if extra_body:
-            body.update(extra_body)
-        args: dict[str, Any] = dict(model=self.model, messages=list(messages), max_tokens=max_tokens,
-                                    temperature=temperature, n=n, logprobs=logprobs, extra_body=body)
-        if top_logprobs is not None:
-            args["top_logprobs"] = top_logprobs
-        if seed is not None:
-            args["seed"] = seed
-        if tools:
-            args["tools"] = list(tools)
-        args.update(kwargs)
+            vllm_fields["allowed_token_ids"] = list(allowed_token_ids)
+        args = _request(self.model, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+                        skip_special_tokens=skip_special_tokens, vllm_fields=vllm_fields, extra_body=extra_body,
+                        messages=list(messages), logprobs=logprobs, top_logprobs=top_logprobs,
+                        tools=list(tools) if tools else None, **kwargs)
         response = self._call(self.openai.chat.completions.create, **args)
         prompt = (response.model_extra or {}).get("prompt_token_ids")
         if prompt is None:
             raise ServerError("the chat response has no prompt_token_ids",
                               "use a vLLM server (>= 0.10) that supports return_token_ids")
-        _extra(response)["prompt_token_ids"] = normalize_token_ids(prompt, "response prompt_token_ids")
+        extra_fields(response)["prompt_token_ids"] = normalize_token_ids(prompt, "response prompt_token_ids")
         for choice in response.choices:
             normalize_choice(choice, prompt)
         return response
@@ -213,22 +96,15 @@ class VLLMClient:
         **kwargs: Any,
     ) -> Any:
         """One completion (text or token-id prompt) with ``return_token_ids``; ids normalised on each choice."""
-        body: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": skip_special_tokens}
-        if extra_body:
-            body.update(extra_body)
-        args: dict[str, Any] = dict(model=self.model, prompt=prompt if isinstance(prompt, str) else list(prompt),
-                                    max_tokens=max_tokens, temperature=temperature, n=n, extra_body=body)
-        if logprobs is not None:
-            args["logprobs"] = logprobs
-        if seed is not None:
-            args["seed"] = seed
-        args.update(kwargs)
+        args = _request(self.model, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+                        skip_special_tokens=skip_special_tokens, vllm_fields={}, extra_body=extra_body,
+                        prompt=prompt if isinstance(prompt, str) else list(prompt), logprobs=logprobs, **kwargs)
         response = self._call(self.openai.completions.create, **args)
         for choice in response.choices:
             normalize_choice(choice)
         return response
 
-    def _call(self, fn, **args: Any):
+    def _call(self, fn, **args: Any):  # noqa: ANN001, ANN202
         import openai
 
         try:

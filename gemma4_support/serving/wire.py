@@ -1,0 +1,137 @@
+"""vLLM's OpenAI wire format, in one place: choice fields normalised (token ids, log-probs, MoE routing) and
+messages turned into what vLLM hands the chat template.
+
+vLLM answers a chat request made with ``return_token_ids`` with the prompt ids at the top level and the
+sampled ids on each choice; `normalize_choice` stores both **on each choice** (in the OpenAI client's
+``model_extra``, where vLLM's extra fields arrive), as plain ``list[int]``, so a choice is self-contained
+for RL tokenization. MoE routing (``routed_experts``, base64 ``.npy``) is decoded in place into a numpy
+array of shape ``[tokens - 1, layers, top_k]``.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+from gemma4_support.errors import ServerError
+
+__all__ = [
+    "choice_logprobs",
+    "decode_routed_experts",
+    "extra_fields",
+    "normalize_choice",
+    "normalize_token_ids",
+    "template_messages",
+]
+
+
+def normalize_token_ids(value: Any, what: str) -> list[int] | None:
+    """``value`` (list of ints, numpy array, tuple, None) as a plain ``list[int]``; rejects anything else."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ServerError(f"{what} is {type(value).__name__}, not a list of token ids",
+                          "request return_token_ids=True from a vLLM server")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise ServerError(f"{what}[{i}] = {v!r} is not an integer token id",
+                                  "pass the ids exactly as vLLM returned them")
+        out.append(int(v))
+    return out
+
+
+def decode_routed_experts(value: Any) -> "np.ndarray | None":
+    """vLLM's ``routed_experts`` (base64 ``.npy``) as a numpy array ``[tokens - 1, layers, top_k]``; arrays pass through."""
+    import numpy as np
+
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    if not isinstance(value, str):
+        raise ServerError(f"routed_experts is {type(value).__name__}, expected a base64 .npy string",
+                          "use a vLLM server started with enable_return_routed_experts")
+    try:
+        arr = np.load(io.BytesIO(base64.b64decode(value)), allow_pickle=False)
+    except Exception as exc:
+        raise ServerError(f"routed_experts could not be decoded as base64 .npy ({exc})",
+                          "check the vLLM version; routed_experts must be base64-encoded numpy bytes") from None
+    if arr.ndim != 3:
+        raise ServerError(f"routed_experts has shape {arr.shape}, expected [tokens - 1, layers, top_k]",
+                          "check the vLLM version's routed_experts layout")
+    return arr
+
+
+def extra_fields(obj: Any) -> dict:
+    """The dict holding vLLM's extra fields of an OpenAI-client object (its ``model_extra``)."""
+    extra = getattr(obj, "__pydantic_extra__", None)
+    if extra is None:
+        object.__setattr__(obj, "__pydantic_extra__", {})
+        extra = obj.__pydantic_extra__
+    return extra
+
+
+def normalize_choice(choice: Any, prompt_token_ids: Any = None) -> Any:
+    """Store ``prompt_token_ids`` / ``token_ids`` on ``choice`` as int lists and decode ``routed_experts`` (in place)."""
+    if isinstance(choice, dict):
+        store = choice
+    else:
+        store = extra_fields(choice)
+    idx = store.get("index", getattr(choice, "index", "?"))
+    prompt = store.get("prompt_token_ids", prompt_token_ids)
+    if prompt is None:
+        prompt = prompt_token_ids
+    store["prompt_token_ids"] = normalize_token_ids(prompt, f"choice {idx} prompt_token_ids")
+    store["token_ids"] = normalize_token_ids(store.get("token_ids"), f"choice {idx} token_ids")
+    if store.get("routed_experts") is not None:
+        store["routed_experts"] = decode_routed_experts(store["routed_experts"])
+    return choice
+
+
+def choice_logprobs(choice: Any) -> list[float] | None:
+    """The sampled tokens' log-probs of a chat or completions choice (object or dict); None when absent."""
+    lp = choice.get("logprobs") if isinstance(choice, dict) else getattr(choice, "logprobs", None)
+    if lp is None:
+        return None
+    content = lp.get("content") if isinstance(lp, dict) else getattr(lp, "content", None)
+    if content is not None:  # chat: list of {token, logprob, ...}
+        return [float(c["logprob"] if isinstance(c, dict) else c.logprob) for c in content]
+    tokens = lp.get("token_logprobs") if isinstance(lp, dict) else getattr(lp, "token_logprobs", None)
+    if tokens is not None:  # completions
+        return [float(x) for x in tokens]
+    return None
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Messages as vLLM hands them to the chat template: OpenAI JSON-string tool arguments decoded to dicts."""
+    out = []
+    for m in messages:
+        m = json.loads(json.dumps(m))  # deep copy, plain types
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", call)
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args else {}
+                except json.JSONDecodeError:
+                    args = {}
+                fn["arguments"] = args if isinstance(args, dict) else {}
+            elif not args:
+                fn["arguments"] = {}
+        if "tool_calls" in m and not m["tool_calls"]:
+            m.pop("tool_calls")
+        out.append(m)
+    return out
