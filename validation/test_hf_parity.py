@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_support.attention.masks import prepare_dense_masks
+from gemma4_support.attention.backends import DenseBackend
 from gemma4_support.config.families import discover
 from gemma4_support.config.spec import FULL, SLIDING, ModelSpec, load_spec
 from gemma4_support.convert.checkpoint import HFCheckpoint, load_hf_weights
@@ -26,8 +26,9 @@ from gemma4_support.model import rope as rope_module
 from gemma4_support.model import router as router_module
 from gemma4_support.model.attention import Gemma4Attention
 from gemma4_support.model.build import build_model, model_spec
-from gemma4_support.model.parity import (
-    Batch, backward_metrics, forward_metrics, hf_side, load_hf_reference, make_batch, megatron_side, packed_lengths,
+from gemma4_support.packing import PackedRow
+from validation.parity import (
+    backward_metrics, forward_metrics, hf_side, load_hf_reference, megatron_side, packed_lengths, random_row,
 )
 from validation.thresholds import (
     HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32, ROUTER_TIE_MARGIN,
@@ -60,17 +61,17 @@ class Subject:
         """At least 4 sliding windows and at least MIN_TOKENS."""
         return max(MIN_TOKENS, 4 * self.spec.sliding_window)
 
-    def batch(self, layout: str, seed: int) -> Batch:
+    def row(self, layout: str, seed: int) -> PackedRow:
         """The single-sequence or packed input row."""
         n, w = self.seq_len, self.spec.sliding_window
         lengths = (n,) if layout == "single" else packed_lengths(n, w)
-        return make_batch(lengths, self.spec.vocab_size, seed, pad_id=self.spec.pad_token_id)
+        return random_row(lengths, self.spec.vocab_size, seed, pad_id=self.spec.pad_token_id)
 
-    def info(self, batch: Batch) -> dict:
+    def info(self, row: PackedRow) -> dict:
         """Facts recorded next to the metrics."""
         return {"model_dir": str(self.hf_dir), "depth": self.spec.num_layers, "layer_types": self.spec.layer_types,
-                "window": self.spec.sliding_window, "seq_len": int(batch.input_ids.shape[1]),
-                "doc_lengths": list(batch.doc_lengths), "windows_per_sequence": batch.input_ids.shape[1] / self.spec.sliding_window,
+                "window": self.spec.sliding_window, "seq_len": row.length,
+                "doc_lengths": row.document_lengths(), "windows_per_sequence": row.length / self.spec.sliding_window,
                 "mlp": self.spec.layers[0].mlp, "k_eq_v_layers": [l.index for l in self.spec.layers if l.k_eq_v]}
 
 
@@ -97,8 +98,8 @@ def hf_reference(hf_dir: Path, depth: int | None) -> torch.nn.Module:
 def hf_forward(hf_dir: Path, depth: int | None, layout: str, seed: int, seq_len: int):
     """HF logits for one input (cached: sensitivity tests reuse them)."""
     subject = Subject(hf_dir, depth, model_spec(hf_dir, depth))
-    batch = subject.batch(layout, seed)
-    return batch, hf_side(hf_reference(hf_dir, depth), batch, backward=False)
+    row = subject.row(layout, seed)
+    return row, hf_side(hf_reference(hf_dir, depth), row, backward=False)
 
 
 def forward_gates(spec: ModelSpec) -> tuple:
@@ -120,23 +121,23 @@ def megatron_for(subject: Subject, spec: ModelSpec | None = None) -> torch.nn.Mo
 def test_forward_parity(model_id: str, layout: str, stage_report, pytestconfig, gemma4_seed: int) -> None:
     """Log-probs at every labelled position: max/mean abs difference, mean-abs-% and KL(HF || Megatron)."""
     subject = subject_for(model_id, pytestconfig)
-    batch, ref = hf_forward(subject.hf_dir, subject.depth, layout, gemma4_seed, subject.seq_len)
-    cand = megatron_side(megatron_for(subject), batch, backward=False, replay=ref.routing)
-    stage_report.check(f"{model_id}/{layout}/forward_fp32", forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN),
-                       forward_gates(subject.spec), **subject.info(batch))
+    row, ref = hf_forward(subject.hf_dir, subject.depth, layout, gemma4_seed, subject.seq_len)
+    cand = megatron_side(megatron_for(subject), row, backward=False, replay=ref.routing)
+    stage_report.check(f"{model_id}/{layout}/forward_fp32", forward_metrics(ref, cand, row, ROUTER_TIE_MARGIN),
+                       forward_gates(subject.spec), **subject.info(row))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_backward_parity(model_id: str, layout: str, stage_report, pytestconfig, gemma4_seed: int) -> None:
     """One training step's loss and every parameter's gradient (rel-L2 per tensor, worst named)."""
     subject = subject_for(model_id, pytestconfig)
-    batch = subject.batch(layout, gemma4_seed)
-    ref = hf_side(hf_reference(subject.hf_dir, subject.depth), batch, backward=True)
-    cand = megatron_side(megatron_for(subject), batch, backward=True, replay=ref.routing)
+    row = subject.row(layout, gemma4_seed)
+    ref = hf_side(hf_reference(subject.hf_dir, subject.depth), row, backward=True)
+    cand = megatron_side(megatron_for(subject), row, backward=True, replay=ref.routing)
     metrics = backward_metrics(ref, cand)
     per_tensor = metrics.pop("per_tensor_rel_l2")
     stage_report.check(f"{model_id}/{layout}/backward_fp32", metrics, HF_PARITY_BACKWARD_FP32,
-                       per_tensor_rel_l2=per_tensor, tensors_compared=len(per_tensor), **subject.info(batch))
+                       per_tensor_rel_l2=per_tensor, tensors_compared=len(per_tensor), **subject.info(row))
 
 
 @pytest.mark.gpu
@@ -144,15 +145,15 @@ def test_backward_parity(model_id: str, layout: str, stage_report, pytestconfig,
 def test_forward_parity_bf16(model_id: str, layout: str, stage_report, pytestconfig, gemma4_seed: int) -> None:
     """bf16 on CUDA: Megatron bf16 vs HF bf16 on the same inputs."""
     subject = subject_for(model_id, pytestconfig)
-    batch = subject.batch(layout, gemma4_seed).to("cuda")
+    row = subject.row(layout, gemma4_seed).to("cuda")
     hf = load_hf_reference(str(subject.hf_dir), subject.depth, dtype=torch.bfloat16, device="cuda")
-    ref = hf_side(hf, batch, backward=False)
+    ref = hf_side(hf, row, backward=False)
     del hf
     model = build_model(subject.spec, dtype=torch.bfloat16, device="cuda")
     load_hf_weights(model, HFCheckpoint(subject.hf_dir))
-    cand = megatron_side(model, batch, backward=False, replay=ref.routing)
-    stage_report.check(f"{model_id}/{layout}/forward_bf16", forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN), HF_PARITY_FORWARD_BF16,
-                       **subject.info(batch))
+    cand = megatron_side(model, row, backward=False, replay=ref.routing)
+    stage_report.check(f"{model_id}/{layout}/forward_bf16", forward_metrics(ref, cand, row, ROUTER_TIE_MARGIN), HF_PARITY_FORWARD_BF16,
+                       **subject.info(row))
 
 
 # ---------------------------------------------------------------- a checkpoint saved by transformers itself
@@ -187,14 +188,14 @@ def test_transformers_saved_checkpoint(tmp_path: Path, stage_report, gemma4_seed
     depth = discover(spec_full).truncation_depth
     subject = Subject(tmp_path, depth, model_spec(tmp_path, depth))
     assert subject.spec.layer_types == [SLIDING, SLIDING, FULL] and spec_full.layer_types[-1] == FULL
-    batch = subject.batch("packed", gemma4_seed)
-    ref = hf_side(load_hf_reference(str(tmp_path), depth), batch, backward=True)
-    cand = megatron_side(megatron_for(subject), batch, backward=True, replay=ref.routing)
-    stage_report.check("transformers-saved/packed/forward_fp32", forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN),
-                       forward_gates(subject.spec), **subject.info(batch))
+    row = subject.row("packed", gemma4_seed)
+    ref = hf_side(load_hf_reference(str(tmp_path), depth), row, backward=True)
+    cand = megatron_side(megatron_for(subject), row, backward=True, replay=ref.routing)
+    stage_report.check("transformers-saved/packed/forward_fp32", forward_metrics(ref, cand, row, ROUTER_TIE_MARGIN),
+                       forward_gates(subject.spec), **subject.info(row))
     metrics = backward_metrics(ref, cand)
     metrics.pop("per_tensor_rel_l2")
-    stage_report.check("transformers-saved/packed/backward_fp32", metrics, HF_PARITY_BACKWARD_FP32, **subject.info(batch))
+    stage_report.check("transformers-saved/packed/backward_fp32", metrics, HF_PARITY_BACKWARD_FP32, **subject.info(row))
 
 
 def test_masks_are_prepared_before_the_layers() -> None:
@@ -202,11 +203,12 @@ def test_masks_are_prepared_before_the_layers() -> None:
     from fixtures.factory import fixture_dir
 
     subject = Subject(fixture_dir("dense"), None, load_spec(fixture_dir("dense")))
-    batch = subject.batch("packed", 0)
+    row = subject.row("packed", 0)
     model = megatron_for(subject)
-    only_sliding = prepare_dense_masks(batch.position_ids, batch.document_ids, [subject.spec.sliding_window])
+    ids, pos, doc = row.model_inputs()
+    only_sliding = DenseBackend().prepare(pos, doc, [subject.spec.sliding_window])
     with pytest.raises(MaskNotPreparedError, match="None"):
-        model(batch.input_ids, batch.position_ids, batch.document_ids, masks=only_sliding)
+        model(ids, pos, doc, masks=only_sliding)
 
 
 # ---------------------------------------------------------------- sensitivity: broken variants must fail the gate
@@ -286,33 +288,33 @@ def test_sensitivity(variant: str, monkeypatch: pytest.MonkeyPatch, stage_report
     forward fp32 gates must fail. (No top-k renormalisation is invisible in the logits — the per-token weight
     sum cancels in post_feedforward_layernorm_2 — and is caught by the routing gate only; recorded.)"""
     subject = subject_for("fixture-moe", pytestconfig)
-    batch, ref = hf_forward(subject.hf_dir, subject.depth, "packed", gemma4_seed, subject.seq_len)
+    row, ref = hf_forward(subject.hf_dir, subject.depth, "packed", gemma4_seed, subject.seq_len)
     spec = SPEC_BREAKS[variant](subject.spec) if variant in SPEC_BREAKS else subject.spec
     if variant in PATCH_BREAKS:
         PATCH_BREAKS[variant](monkeypatch)
     model = megatron_for(subject, spec)
     if variant == "embedding_scale_dropped":
         model.embedding.scale = 1.0
-    cand = megatron_side(model, batch, backward=False, replay=ref.routing)
-    metrics = forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN)
+    cand = megatron_side(model, row, backward=False, replay=ref.routing)
+    metrics = forward_metrics(ref, cand, row, ROUTER_TIE_MARGIN)
     by_logprobs = not all(r.passed for r in evaluate(metrics, HF_PARITY_FORWARD_FP32))
     stage_report.expect_caught(f"sensitivity/{variant}", metrics, forward_gates(subject.spec),
-                               caught_by_logprob_gates=by_logprobs, **subject.info(batch))
+                               caught_by_logprob_gates=by_logprobs, **subject.info(row))
 
 
 def test_sensitivity_pad_row_trained_through_lookups(stage_report, pytestconfig, gemma4_seed: int) -> None:
     """HF's embedding has padding_idx = pad_token_id: the pad row gets no gradient from lookups. A model that
     trains it anyway (found on the H200 at 4096 tokens, where the pad id appears by chance) must fail the
-    gradient gate; the batch always plants one pad token."""
+    gradient gate; the row always plants one pad token."""
     subject = subject_for("fixture-dense", pytestconfig)
-    batch = subject.batch("packed", gemma4_seed)
-    ref = hf_side(hf_reference(subject.hf_dir, subject.depth), batch, backward=True)
+    row = subject.row("packed", gemma4_seed)
+    ref = hf_side(hf_reference(subject.hf_dir, subject.depth), row, backward=True)
     model = megatron_for(subject)
     model.embedding.pad_token_id = None
-    metrics = backward_metrics(ref, megatron_side(model, batch, backward=True))
+    metrics = backward_metrics(ref, megatron_side(model, row, backward=True))
     metrics.pop("per_tensor_rel_l2")
     stage_report.expect_caught("sensitivity/pad_row_trained_through_lookups", metrics, HF_PARITY_BACKWARD_FP32,
-                               **subject.info(batch))
+                               **subject.info(row))
 
 
 def test_router_replay_refuses_bad_choices() -> None:
@@ -348,7 +350,7 @@ def test_cli_runs_the_stage_on_a_transformers_checkpoint(tmp_path: Path, gemma4_
     model_dir = save_with_transformers(tmp_path / "ckpt", gemma4_seed)
     reports = tmp_path / "reports"
     out = subprocess.run(
-        [sys.executable, "-m", "gemma4_support.cli", "run", "--stages", "hf_parity", "--model", str(model_dir),
+        [sys.executable, "-m", "validation.cli", "run", "--stages", "hf_parity", "--model", str(model_dir),
          "--report-dir", str(reports), "--workers", "0", "--", "-k", "model and parity and not fixture and not bf16"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

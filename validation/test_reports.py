@@ -64,7 +64,7 @@ def test_cli_discover_json_and_refusals(tmp_path):
     from fixtures.configs import real_config
     from fixtures.factory import fixture_dir
 
-    exe = [sys.executable, "-m", "gemma4_support.cli"]
+    exe = [sys.executable, "-m", "validation.cli"]
     out = subprocess.run([*exe, "discover", "--model", str(fixture_dir("moe")), "--json"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
