@@ -6,6 +6,7 @@ missing and mis-shaped tensors raise CheckpointError naming the tensor and both 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from gemma4_support.convert.checkpoint import (
     INDEX_FILE, HFCheckpoint, check_hf, hf_to_megatron, load_hf_weights, megatron_to_hf, save_hf_checkpoint,
     tensor_state,
 )
-from gemma4_support.convert.mapping import entries
+from gemma4_support.convert.mapping import GATE_UP, QKV, ROWS, entries
 from gemma4_support.errors import CheckpointError
 from gemma4_support.model.build import build_model, model_spec
 
@@ -172,3 +173,47 @@ def test_truncation_and_multimodal_wrapper_are_accounted_for(tmp_path: Path, sta
 def build_and_load(path: Path) -> None:
     """Build the model for a checkpoint directory and load it."""
     load_hf_weights(build_model(load_spec(path)), HFCheckpoint(path))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tensor_parallel_splits_are_exact_and_keep_blocks_whole(variant: str, stage_report) -> None:
+    """Every Megatron tensor, split over 2 tensor-parallel ranks by its row's declared split and gathered back, is
+    bit-identical. The grouped linear_qkv gives each rank whole kv groups (its queries, key and value); gated
+    [gate; up] rows give each rank its share of both gate and up — a plain row split (the wrong layout, checked
+    here too) would give rank 0 only gate rows. A tensor that cannot be split evenly is refused naming its shape."""
+    spec = load_spec(fixture_dir(variant))
+    hf = _hf_tensors(variant)
+    split = refused = 0
+    for entry in entries(spec):
+        megatron = entry.transform.to_megatron([hf[n] for n in entry.hf], spec, entry.layer)
+        for tensor in megatron:
+            try:
+                shards = [entry.tp.shard(tensor, 2, r) for r in range(2)]
+            except CheckpointError as err:
+                assert str(tuple(tensor.shape)) in str(err)
+                refused += 1
+                continue
+            assert torch.equal(entry.tp.gather(shards), tensor), entry.megatron
+            split += 1
+        layer = entry.layer
+        if entry.transform is QKV and layer.num_kv_heads == 1:
+            with pytest.raises(CheckpointError, match="whole"):  # one kv group: a split would cut it in half
+                entry.tp.shard(megatron[0], 2, 0)
+        if entry.transform is QKV and layer.num_kv_heads % 2 == 0:
+            q, k, *v = (hf[n] for n in entry.hf)
+            for r in range(2):
+                group = slice(r * layer.num_kv_heads // 2, (r + 1) * layer.num_kv_heads // 2)
+                per_group = spec.num_attention_heads // layer.num_kv_heads
+                heads = slice(group.start * per_group, group.stop * per_group)
+                d = layer.head_dim
+                own = [q[heads.start * d:heads.stop * d], k[group.start * d:group.stop * d],
+                       *(t[group.start * d:group.stop * d] for t in v)]
+                fused = QKV.to_megatron(own, dataclasses.replace(spec, num_attention_heads=spec.num_attention_heads // 2),
+                                        dataclasses.replace(layer, num_kv_heads=layer.num_kv_heads // 2))[0]
+                assert torch.equal(entry.tp.shard(megatron[0], 2, r), fused)
+        if entry.transform is GATE_UP:
+            gate, up = (hf[n] for n in entry.hf)
+            half = gate.shape[0] // 2
+            assert torch.equal(entry.tp.shard(megatron[0], 2, 0), torch.cat([gate[:half], up[:half]]))
+            assert not torch.equal(ROWS.shard(megatron[0], 2, 0), torch.cat([gate[:half], up[:half]]))
+    stage_report.record(f"convert/{variant}/tensor_parallel_2", tensors_split=split, tensors_refused=refused)

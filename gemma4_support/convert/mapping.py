@@ -14,11 +14,12 @@ Every transform is exact (views, concatenation, splitting): HF -> Megatron -> HF
 
 Tensor parallelism: every transform declares how the Megatron tensor it produces is split over tensor-parallel
 ranks (`TPSplit`: the axis, and for gated [gate; up] rows the two blocks split separately so each rank holds
-its share of both); `TPSplit.shard` / `gather` are exact inverses. The grouped `linear_qkv` splits on rows into
-whole kv groups.
+its share of both; the grouped `linear_qkv` only between whole kv groups); `TPSplit.shard` / `gather` are exact
+inverses.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,20 +35,23 @@ Shape = tuple[int, ...]
 @dataclass(frozen=True)
 class TPSplit:
     """How a Megatron tensor is split over tensor-parallel ranks: along `axis` (None = replicated), its `parts`
-    equal blocks along that axis each split separately (2 for gated [gate; up] rows)."""
+    equal blocks along that axis each split separately (2 for gated [gate; up] rows), never inside a `unit` of
+    that many rows (a kv group of the grouped linear_qkv)."""
 
     axis: int | None
     parts: int = 1
+    unit: int = 1
 
     def shard(self, tensor: torch.Tensor, tp_size: int, rank: int) -> torch.Tensor:
         """The slice tensor-parallel rank `rank` of `tp_size` holds."""
         if self.axis is None or tp_size == 1:
             return tensor
         size = tensor.shape[self.axis]
-        if size % (self.parts * tp_size):
+        if size % (self.parts * tp_size * self.unit):
             raise CheckpointError(f"a tensor of shape {tuple(tensor.shape)} cannot be split into {tp_size} tensor-"
-                                  f"parallel shards along axis {self.axis} ({self.parts} block(s))",
-                                  "choose a tensor parallel size that divides the model's heads and widths")
+                                  f"parallel shards along axis {self.axis} ({self.parts} block(s) of whole "
+                                  f"{self.unit}-row units)",
+                                  "choose a tensor parallel size that divides the model's kv heads and widths")
         blocks = torch.chunk(tensor, self.parts, dim=self.axis)
         return torch.cat([torch.chunk(b, tp_size, dim=self.axis)[rank] for b in blocks], dim=self.axis).contiguous()
 
@@ -65,12 +69,19 @@ REPLICATED, ROWS, COLUMNS, GATED_ROWS = TPSplit(None), TPSplit(0), TPSplit(1), T
 @dataclass(frozen=True)
 class Transform:
     """A pair of exact, mutually inverse functions between HF tensors and Megatron tensors of one row, and how
-    the Megatron tensors split over tensor-parallel ranks."""
+    the Megatron tensors split over tensor-parallel ranks (`tp_unit`: the indivisible rows, from the geometry)."""
 
     name: str
     to_megatron: Callable[[Tensors, ModelSpec, LayerSpec | None], list[torch.Tensor]]
     to_hf: Callable[[Tensors, ModelSpec, LayerSpec | None], list[torch.Tensor]]
     tp: TPSplit
+    tp_unit: Callable[[ModelSpec, LayerSpec | None], int] | None = None
+
+    def tp_split(self, spec: ModelSpec, layer: LayerSpec | None) -> TPSplit:
+        """The tensor-parallel split of this transform's Megatron tensors for one model and layer."""
+        if self.tp_unit is None:
+            return self.tp
+        return dataclasses.replace(self.tp, unit=self.tp_unit(spec, layer))
 
 
 def _same(tensors: Tensors, spec: ModelSpec, layer: LayerSpec | None) -> list[torch.Tensor]:
@@ -89,6 +100,11 @@ def _fuse_qkv(tensors: Tensors, spec: ModelSpec, layer: LayerSpec | None) -> lis
     parts = [q.reshape(groups, per_group, d, hidden), k.reshape(groups, 1, d, hidden)]
     parts += [t.reshape(groups, 1, d, hidden) for t in v]
     return [torch.cat(parts, dim=1).reshape(-1, hidden)]
+
+
+def _qkv_group_rows(spec: ModelSpec, layer: LayerSpec | None) -> int:
+    groups, per_group, d = _qkv_geometry(spec, layer)
+    return (per_group + (1 if layer.k_eq_v else 2)) * d
 
 
 def _split_qkv(tensors: Tensors, spec: ModelSpec, layer: LayerSpec | None) -> list[torch.Tensor]:
@@ -121,7 +137,7 @@ def _stack(tensors: Tensors, spec: ModelSpec, layer: LayerSpec | None) -> list[t
 REPLICATE = Transform("copy, replicated over TP", _same, _same, REPLICATED)
 SPLIT_ROWS = Transform("copy, rows split over TP (column/vocab parallel)", _same, _same, ROWS)
 SPLIT_COLUMNS = Transform("copy, columns split over TP (row parallel)", _same, _same, COLUMNS)
-QKV = Transform("fuse q,k[,v] into Megatron's grouped linear_qkv", _fuse_qkv, _split_qkv, ROWS)
+QKV = Transform("fuse q,k[,v] into Megatron's grouped linear_qkv", _fuse_qkv, _split_qkv, ROWS, _qkv_group_rows)
 GATE_UP = Transform("concatenate [gate; up] rows", _cat_rows, _halve_rows, GATED_ROWS)
 EXPERTS_GATE_UP = Transform("split the fused experts; each [gate; up]", _unstack, _stack, GATED_ROWS)
 EXPERTS_DOWN = Transform("split the fused experts", _unstack, _stack, COLUMNS)
@@ -255,13 +271,15 @@ def hf_prefix(spec: ModelSpec) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One instantiated row: concrete HF names and shapes, concrete Megatron names, the transform and the layer."""
+    """One instantiated row: concrete HF names and shapes, concrete Megatron names, the transform, the layer, and
+    how its Megatron tensors split over tensor-parallel ranks."""
 
     hf: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     megatron: tuple[str, ...]
     transform: Transform
     layer: LayerSpec | None
+    tp: TPSplit
 
 
 def entries(spec: ModelSpec) -> list[Entry]:
@@ -280,7 +298,8 @@ def entries(spec: ModelSpec) -> list[Entry]:
                 megatron = tuple(rule.megatron.format(i=i, e=e) for e in experts)
             else:
                 megatron = (rule.megatron.format(i=i),)
-            out.append(Entry(hf, rule.shapes(Dims.of(spec, layer)), megatron, rule.transform, layer))
+            out.append(Entry(hf, rule.shapes(Dims.of(spec, layer)), megatron, rule.transform, layer,
+                             rule.transform.tp_split(spec, layer)))
     return out
 
 
