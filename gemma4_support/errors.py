@@ -1,6 +1,8 @@
 """Errors the suite raises for bad input: one readable line naming the problem and the fix."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class Gemma4Error(Exception):
     """Base error: `problem` says what is wrong, `fix` says what to do about it."""
@@ -41,3 +43,10 @@ class ServerError(Gemma4Error):
 
 class PackingError(Gemma4Error):
     """A packed row's ids (positions, documents, branches) are inconsistent, or cannot be split as asked."""
+
+
+def require_positive_ints(values: Mapping[str, object], error: type[Gemma4Error], what: str) -> None:
+    """Raise `error` naming the first of `values` that is not a positive integer (booleans are not integers)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise error(f"{what} {name}={value!r} is not a positive integer", f"pass {name} >= 1")

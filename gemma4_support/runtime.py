@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict, dataclass
 
-from gemma4_support.errors import RuntimeConfigError
+from gemma4_support.errors import RuntimeConfigError, require_positive_ints
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,7 @@ class RuntimeConfig:
     packing_capacity: int = 4096  # tokens per packed training row
 
     def __post_init__(self) -> None:
-        for name in ("tp", "cp", "ep", "packing_capacity"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise RuntimeConfigError(f"runtime config {name}={value!r} must be a positive integer", f"pass {name}>=1")
+        require_positive_ints(asdict(self), RuntimeConfigError, "runtime config")
         if self.packing_capacity % (2 * self.cp):
             raise RuntimeConfigError(
                 f"packing_capacity={self.packing_capacity} is not divisible by 2*cp={2 * self.cp} (two chunks per CP rank)",

@@ -232,20 +232,6 @@ def _grad_metrics(ref: dict, cand: dict) -> dict:
             "grads_tensors": len(names)}
 
 
-def _bookkeeping(cp_runs: dict, name: str, group: int, cp: int) -> dict:
-    ranks = [cp_runs[name][group]] + [cp_runs[f"{name}@rank{r}"][group] for r in range(1, cp)]
-    return {
-        "masks_built_during_forward": sum(r["masks_built_during_forward"] for r in ranks),
-        "missing_mask_keys": sum(len(set(r["expected_keys"]) - set(r["mask_keys"])) for r in ranks),
-        "masks_prepared_per_rank": [r["masks_prepared"] for r in ranks],
-        "mask_lookups_per_rank": [r["mask_lookups"] for r in ranks],
-        "mask_plan_seconds_per_rank": [r["plan_seconds"] for r in ranks],
-        "forward_seconds_per_rank": [r["forward_seconds"] for r in ranks],
-        "step_seconds_per_rank": [r["step_seconds"] for r in ranks],
-        "chunk_len": ranks[0]["chunk_len"], "local_tokens": ranks[0]["local_tokens"], "seq_len": ranks[0]["seq_len"],
-    }
-
-
 def _bookkeeping(cp_runs: dict, name: str, row: str, cp: int) -> dict:
     ranks = [cp_runs[name][row]] + [cp_runs[f"{name}@rank{r}"][row] for r in range(1, cp)]
     return {

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from gemma4_support.attention.masks import packing_dense_mask
-from gemma4_support.errors import PackingError
+from gemma4_support.errors import PackingError, require_positive_ints
 from gemma4_support.packing import PackedRow
 
 
@@ -38,10 +38,7 @@ class CPPlan:
     cp_size: int
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "cp_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PackingError(f"CP plan {name}={value!r} is not a positive integer", f"pass {name} >= 1")
+        require_positive_ints({"seq_len": self.seq_len, "cp_size": self.cp_size}, PackingError, "CP plan")
         if self.seq_len % (2 * self.cp_size):
             raise PackingError(
                 f"a packed row of {self.seq_len} tokens cannot be split into 2*cp={2 * self.cp_size} equal chunks",
