@@ -25,8 +25,10 @@ import torch  # noqa: E402
 from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights  # noqa: E402
 from gemma4_support.metrics import named_tensor_metrics, tensor_diff  # noqa: E402
+from gemma4_support.attention.backends import flex_backend  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
-from gemma4_support.model.parity import make_batch, packed_lengths, token_loss  # noqa: E402
+from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.parity import packed_lengths, random_row, row_loss  # noqa: E402
 
 
 def step(model: torch.nn.Module, batch, backward: bool) -> tuple[torch.Tensor, dict, float]:
@@ -34,9 +36,9 @@ def step(model: torch.nn.Module, batch, backward: bool) -> tuple[torch.Tensor, d
     def once():
         model.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(backward):
-            logits = model(batch.input_ids, batch.position_ids, batch.document_ids)
+            logits = model(*batch.model_inputs())
             if backward:
-                token_loss(logits, batch).backward()
+                row_loss(logits, batch).backward()
         return logits
     once()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
@@ -51,20 +53,16 @@ def step(model: torch.nn.Module, batch, backward: bool) -> tuple[torch.Tensor, d
 def run(name: str, hf_model: torch.nn.Module, seq: int, dtype: torch.dtype, device: str, backward: bool) -> dict:
     """Dense vs flex for one model and dtype."""
     spec = load_spec(hf_model.config.to_dict())
-    batch = make_batch(packed_lengths(seq, spec.sliding_window), spec.vocab_size, 0, pad_id=spec.pad_token_id).to(device)
+    batch = random_row(packed_lengths(seq, spec.sliding_window), spec.vocab_size, 0, pad_id=spec.pad_token_id).to(device)
     weights = TensorDict({k: v.to(dtype) for k, v in hf_model.state_dict().items()})
-    out = {"case": name, "dtype": str(dtype).removeprefix("torch."), "seq": seq, "doc_lengths": list(batch.doc_lengths)}
+    out = {"case": name, "dtype": str(dtype).removeprefix("torch."), "seq": seq, "doc_lengths": batch.document_lengths()}
     dense = build_model(spec, dtype=dtype, device=device, attention="dense")
     load_hf_weights(dense, weights)
     ref_logits, ref_grads, out["dense_step_s"] = step(dense, batch, backward)
     del dense
     for dense_dims in ((), (512,)):
         try:
-            from gemma4_support.attention.backends import attend_any, flex_plan
-
-            flex = build_model(spec, dtype=dtype, device=device, attention="dense")
-            flex.prepare_masks = flex_plan(spec, dense_dims).prepare
-            flex.set_attend(attend_any)
+            flex = build_model(spec, dtype=dtype, device=device, attention=flex_backend(spec, dense_dims))
             load_hf_weights(flex, weights)
             logits, grads, out["flex_step_s"] = step(flex, batch, backward)
             out["dense_head_dims"] = list(dense_dims)
@@ -89,8 +87,9 @@ def run(name: str, hf_model: torch.nn.Module, seq: int, dtype: torch.dtype, devi
 def main() -> int:
     from hf_parity_gpu import cut_26b_config, random_hf_model
 
-    from gemma4_support.model.parity import load_hf_reference
+    from validation.parity import load_hf_reference
 
+    set_runtime(RuntimeConfig())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--seq", type=int, default=4096)

@@ -33,8 +33,9 @@ from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights  # noqa: E402
 from gemma4_support.metrics import evaluate  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
-from gemma4_support.model.parity import (  # noqa: E402
-    backward_metrics, forward_metrics, hf_side, load_hf_reference, make_batch, megatron_side, packed_lengths,
+from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.parity import (  # noqa: E402
+    SideResult, backward_metrics, forward_metrics, hf_side, load_hf_reference, megatron_side, packed_lengths, random_row,
 )
 from validation.thresholds import (  # noqa: E402
     HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32, ROUTER_TIE_MARGIN,
@@ -134,7 +135,7 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
     """fp32 then bf16 for every layout of one model; rows for the table."""
     spec = load_spec(hf_model.config.to_dict())
     rows = []
-    batches = {lay: make_batch((seq,) if lay == "single" else packed_lengths(seq, spec.sliding_window),
+    batches = {lay: random_row((seq,) if lay == "single" else packed_lengths(seq, spec.sliding_window),
                                spec.vocab_size, seed, pad_id=spec.pad_token_id).to(device) for lay in layouts}
     fp32_logits = {}
     fp32_gates = HF_PARITY_FORWARD_FP32 + HF_PARITY_BACKWARD_FP32 + (HF_PARITY_ROUTER_FP32 if spec.moe else ())
@@ -173,8 +174,6 @@ def _floor(truth: torch.Tensor, ref, cand, batch, device: str) -> dict:
 
 
 def _logits(logits: torch.Tensor, device: str):
-    from gemma4_support.model.parity import SideResult
-
     return SideResult(logits.to(device))
 
 
@@ -182,8 +181,8 @@ def _row(name, dtype, layout, batch, fwd, bwd, gates, seconds) -> dict:
     metrics = {**fwd, **bwd}
     results = evaluate({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, gates)
     print(f"  {name} {dtype} {layout}: {'PASS' if all(r.passed for r in results) else 'FAIL'} ({seconds:.1f} s)", flush=True)
-    return {"case": name, "dtype": dtype, "layout": layout, "seq": int(batch.input_ids.shape[1]),
-            "doc_lengths": list(batch.doc_lengths), "metrics": metrics, "gates": [r.to_dict() for r in results],
+    return {"case": name, "dtype": dtype, "layout": layout, "seq": batch.length,
+            "doc_lengths": batch.document_lengths(), "metrics": metrics, "gates": [r.to_dict() for r in results],
             "passed": all(r.passed for r in results), "seconds": round(seconds, 2)}
 
 
@@ -217,6 +216,7 @@ def main() -> int:
     args = parser.parse_args()
     global ATTENTION
     ATTENTION = args.attention
+    set_runtime(RuntimeConfig())
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     seq = 64 if args.small else args.seq
     vocab = 512 if args.small else args.vocab
