@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from gemma4_support.attention.block_masks import block_states, build_block_mask  # noqa: E402
 from fixtures.packings import random_packed_row  # noqa: E402
+from gemma4_support.attention.block_masks import block_states, build_block_mask  # noqa: E402
 from gemma4_support.attention.masks import allowed  # noqa: E402
 from gemma4_support.packing import PackedRow  # noqa: E402
 

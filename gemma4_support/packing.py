@@ -20,8 +20,7 @@ from gemma4_support.errors import PackingError
 #: What `pack` accepts per document: n (a plain document of n tokens), or (prompt, [completion, ...]).
 DocumentSpec = int | tuple[int, Sequence[int]]
 
-_GEOMETRY = ("position_ids", "document_ids", "branch_ids")
-_INTEGER_FIELDS = (*_GEOMETRY, "input_ids", "labels")
+_INTEGER_FIELDS = ("position_ids", "document_ids", "branch_ids", "input_ids", "labels")
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,7 @@ GLOBAL = None  # the window value that means "full attention"
 MaskPredicate = Callable[..., torch.Tensor]
 """Signature of `allowed`: (q_pos, k_pos, q_doc, k_doc, window, q_branch=None, k_branch=None) -> bool tensor."""
 
+
 def allowed(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,

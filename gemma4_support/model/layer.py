@@ -11,8 +11,8 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
-from gemma4_support.config.spec import LayerSpec
 from gemma4_support.attention.backends import AttentionBackend
+from gemma4_support.config.spec import LayerSpec
 from gemma4_support.model.attention import Gemma4Attention
 from gemma4_support.model.mlp import Gemma4MoE, dense_mlp
 from gemma4_support.model.norm import Gemma4RMSNorm

@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO / "scripts" / "gpu"))
 
 import torch  # noqa: E402
 
+from gemma4_support.attention.backends import flex_backend  # noqa: E402
 from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights  # noqa: E402
 from gemma4_support.metrics import named_tensor_metrics, tensor_diff  # noqa: E402
-from gemma4_support.attention.backends import flex_backend  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.parity import packed_lengths, random_row, row_loss  # noqa: E402
