@@ -47,9 +47,11 @@ def counted_property(strategy: st.SearchStrategy, body: Callable[[object], None]
 
 
 def describe_failure(exc: BaseException, example: object) -> str:
-    """One failing example: the error, where it was raised, and a short repr of the example (≤ 1000 chars)."""
+    """One failing example: the error's first line, where it was raised, and a short repr of the example (≤ 1000
+    chars)."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
-    error = f"{type(exc).__name__}: {exc}".strip()[:500] + where
+    lines = str(exc).strip().splitlines()  # the first line: pytest's assertion rewriting appends the operands
+    error = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500] + where
     text = f"{error} — example: {_EXAMPLE_REPR.repr(example)}"
     return text if len(text) <= _TEXT_LIMIT else text[:_TEXT_LIMIT - 1] + "…"

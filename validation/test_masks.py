@@ -4,10 +4,10 @@ the CP planner's load balance, and one clear error for each kind of bad input.""
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
@@ -25,6 +25,7 @@ from gemma4_support.errors import PackingError
 from gemma4_support.packing import PackedRow, pack
 from gemma4_support.parallel import attention_work, plan_cp
 from validation import thresholds as T
+from validation.properties import counted_property
 
 pytestmark = pytest.mark.stage_cp_masks
 
@@ -58,18 +59,30 @@ def _property_violations(p: PackedRow, window: int | None, mask: torch.Tensor, q
     return bad
 
 
-def test_mask_properties(stage_report) -> None:  # noqa: ANN001
-    """Block-sparse == dense for every pair, == torch's generic block classification; window/document/sibling rules."""
-    seen = {"examples": 0, "pairs": 0, "blocks_compared": 0}
+@st.composite
+def mask_cases(draw) -> tuple:  # noqa: ANN001
+    """A packing, a window (None: global), block sizes (q, k) and a query range inside the packed row."""
+    docs = draw(packings())
+    length = pack(docs).length
+    q0 = draw(st.integers(0, length - 1))
+    query_range = (q0, draw(st.integers(q0 + 1, length)))
+    window = draw(st.one_of(st.none(), st.integers(1, 12)))
+    blocks = (draw(st.sampled_from([2, 3, 4, 8, 16])), draw(st.sampled_from([2, 4, 5, 8, 16])))
+    return docs, window, blocks, query_range
 
-    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(docs=packings(), window=st.one_of(st.none(), st.integers(1, 12)),
-           bq=st.sampled_from([2, 3, 4, 8, 16]), bk=st.sampled_from([2, 4, 5, 8, 16]), data=st.data())
-    def check(docs, window, bq, bk, data) -> None:  # noqa: ANN001
+
+def _window_inclusive_by_one(qp, kp, qd, kd, window, qb=None, kb=None):  # noqa: ANN001, ANN202
+    """Broken predicate: an exclusive window (i - W <= j), W + 1 keys per query."""
+    return allowed(qp, kp, qd, kd, None if window is None else window + 1, qb, kb)
+
+
+def _mask_property(stats: Counter, predicate=allowed):  # noqa: ANN001, ANN202
+    """The mask property of one case: block-sparse == dense (built with `predicate`) for every pair, block states
+    == torch's generic create_block_mask, and no window/document/sibling rule violated; counts what it compared."""
+    def body(case: tuple) -> None:
+        docs, window, (bq, bk), (q0, q1) = case
         p = pack(docs)
-        q0 = data.draw(st.integers(0, p.length - 1))
-        q1 = data.draw(st.integers(q0 + 1, p.length))
-        dense = packing_dense_mask(p, window, (q0, q1))
+        dense = packing_dense_mask(p, window, (q0, q1), predicate=predicate)
         bm = build_block_mask(p, window, (bq, bk), (q0, q1))
         assert torch.equal(block_mask_to_dense(bm), dense), "block-sparse mask differs from the dense mask"
         pos, seg, br = p.position_ids, p.segment_ids(), p.branches()
@@ -81,30 +94,28 @@ def test_mask_properties(stage_report) -> None:  # noqa: ANN001
         assert torch.equal(block_states(generic), block_states(bm)), "block classification differs from torch's"
         violations = _property_violations(p, window, dense, q0)
         assert not violations, violations[:3]
-        seen["examples"] += 1
-        seen["pairs"] += dense.numel()
-        seen["blocks_compared"] += block_states(bm).numel()
+        stats["pairs"] += dense.numel()
+        stats["blocks_compared"] += block_states(bm).numel()
 
-    failure = None
-    try:
-        check()
-    except Exception as exc:  # noqa: BLE001 - reported through the gate with the falsifying example
-        failure = f"{type(exc).__name__}: {exc}"[:2000]
-    stage_report.check("mask_properties", {"examples": seen["examples"], "failures": int(failure is not None)},
-                       T.CP_MASKS_PROPERTY, pairs_compared=seen["pairs"], blocks_compared=seen["blocks_compared"],
-                       failure=failure)
+    return body
+
+
+def test_mask_properties(stage_report) -> None:  # noqa: ANN001
+    """Block-sparse == dense for every pair, == torch's generic block classification; window/document/sibling rules."""
+    stats = Counter()
+    first = counted_property(mask_cases(), _mask_property(stats), stats, max_examples=40)
+    stage_report.check("mask_properties", {"examples": stats["examples"], "failures": stats["failures"]},
+                       T.CP_MASKS_PROPERTY, first_failures=first, pairs_compared=stats["pairs"],
+                       blocks_compared=stats["blocks_compared"])
 
 
 def test_mask_window_off_by_one_is_caught(stage_report) -> None:  # noqa: ANN001
-    """Sensitivity: an exclusive window (i - W <= j, W + 1 keys) violates the window property."""
-    p = pack(ROW_A)
-
-    def inclusive_by_one(qp, kp, qd, kd, window, qb=None, kb=None):  # noqa: ANN001, ANN202
-        return allowed(qp, kp, qd, kd, None if window is None else window + 1, qb, kb)
-
-    mask = packing_dense_mask(p, WINDOW, predicate=inclusive_by_one)
-    violations = _property_violations(p, WINDOW, mask, 0)
-    stage_report.expect_caught("window_off_by_one", {"examples": 1, "failures": len(violations)}, T.CP_MASKS_PROPERTY)
+    """Sensitivity: the same property with an exclusive window (W + 1 keys) fails on every windowed example."""
+    stats = Counter()
+    first = counted_property(mask_cases(), _mask_property(stats, _window_inclusive_by_one), stats, max_examples=40)
+    stage_report.expect_caught("window_off_by_one", {"examples": stats["examples"], "failures": stats["failures"]},
+                               T.CP_MASKS_PROPERTY, first_failures=first,
+                               broken="dense mask predicate with window W + 1 (i - W <= j): one key too many")
 
 
 def test_block_planning_131k(stage_report) -> None:  # noqa: ANN001
