@@ -10,12 +10,7 @@ A job is a dict saved with torch.save:
   cp                 the CP size (= processes)
   rows               {name: PackedRow with input_ids}
   runs               [{"name", "rows": [row names], "variant", "backward", "kind", "block_size"}]
-Variants (deliberately broken CP implementations, for sensitivity):
-  none               the real implementation
-  drop_window        CP masks built without the sliding window (keyed as if they had it)
-  chunk_off_by_one   each chunk's masks built for the query range shifted back by one token
-  no_shared_prefix   CP masks built without the shared-prefix (sibling) rule
-  packed_positions   position ids taken from packed indices (for RoPE and masks) instead of the row's ids
+Variants: "none" (the real implementation) or one of BROKEN_VARIANTS (deliberately broken, for sensitivity).
 `kind` "dense" (forward + backward on CPU) or "flex" (BlockMasks of `block_size`; forward only on CPU).
 Backward probes the gradients with the summed next-token cross entropy of every token over the row length.
 """
@@ -35,7 +30,13 @@ import torch
 from gemma4_support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("none", "drop_window", "chunk_off_by_one", "no_shared_prefix", "packed_positions")
+BROKEN_VARIANTS = {
+    "drop_window": "CP masks built without the sliding window (keyed as if they had it)",
+    "chunk_off_by_one": "each chunk's masks built for the query range shifted back by one token",
+    "no_shared_prefix": "CP masks built without the shared-prefix (sibling) rule",
+    "packed_positions": "position ids taken from packed indices (for RoPE and masks) instead of the row's ids",
+}
+VARIANTS = ("none", *BROKEN_VARIANTS)
 
 
 def launch(job: dict, timeout_s: float = 300.0) -> dict:

@@ -22,11 +22,12 @@ from gemma4_support.model.build import load_model
 from gemma4_support.packing import PackedRow, pack
 from gemma4_support.parallel import ContextParallelBackend, CPMasks, cp_forward
 from validation import thresholds as T
+from validation.cp_worker import BROKEN_VARIANTS, launch
 from validation.mask_variants import CountingBackend, NoSharedPrefix
 
 pytestmark = [pytest.mark.stage_cp_masks, pytest.mark.xdist_group("cp_masks")]  # the CP launches
 
-CP_VARIANTS = ("drop_window", "chunk_off_by_one", "no_shared_prefix", "packed_positions")
+CP_VARIANTS = tuple(BROKEN_VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,12 +95,11 @@ def cp1_reference(model, rows) -> dict:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def cp_runs(gemma4_model_dir, depth, rows) -> dict:  # noqa: ANN001
-    """Two launches: CP = 4 (row A: dense with backward, flex, the broken variants) and CP = 2 (rows A and B)."""
-    from validation.cp_worker import launch
-
+    """Two launches: CP = 4 (row A: dense with backward, flex forward, the broken variants with backward) and
+    CP = 2 (rows A and B, with backward)."""
     cp4 = [{"name": "cp4", "rows": ["A"], "variant": "none", "backward": True, "kind": "dense"},
            {"name": "cp4_flex", "rows": ["A"], "variant": "none", "backward": False, "kind": "flex", "block_size": 16}]
-    cp4 += [{"name": f"cp4_{v}", "rows": ["A"], "variant": v, "backward": False, "kind": "dense"} for v in CP_VARIANTS]
+    cp4 += [{"name": f"cp4_{v}", "rows": ["A"], "variant": v, "backward": True, "kind": "dense"} for v in CP_VARIANTS]
     cp2 = [{"name": "cp2", "rows": ["A", "B"], "variant": "none", "backward": True, "kind": "dense"}]
     job = {"model_dir": str(gemma4_model_dir), "depth": depth, "rows": rows}
     t0 = time.perf_counter()
@@ -278,13 +278,18 @@ def test_cp_flex(cp_runs, cp1_reference, stage_report) -> None:  # noqa: ANN001
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", CP_VARIANTS)
 def test_cp_sensitivity(variant, cp_runs, cp1_reference, stage_report) -> None:  # noqa: ANN001
-    """Sensitivity: each deliberately broken CP variant fails the CP equivalence gates."""
+    """Sensitivity: each deliberately broken CP variant (forward + backward, like the real one) fails the CP
+    equivalence gates; every metric is measured as in test_cp_equivalence."""
     res = cp_runs[f"cp4_{variant}"]["A"]
-    d = tensor_diff(cp1_reference["A"]["logits"], res["logits"])
-    metrics = {"logits_max_abs_rel": d["max_abs_rel"], "logits_max_abs": d["max_abs"],
-               "grads_max_abs": 0.0, "masks_built_during_forward": 0, "missing_mask_keys": 0}
+    ref = cp1_reference["A"]
+    d = tensor_diff(ref["logits"], res["logits"])
+    book = _bookkeeping(cp_runs, f"cp4_{variant}", "A", 4)
+    metrics = {"logits_max_abs_rel": d["max_abs_rel"], "logits_max_abs": d["max_abs"], "logits_rel_l2": d["rel_l2"],
+               **_grad_metrics(ref["grads"], res["grads"]),
+               "masks_built_during_forward": book.pop("masks_built_during_forward"),
+               "missing_mask_keys": book.pop("missing_mask_keys")}
     stage_report.expect_caught(f"cp4_{variant}", metrics, T.CP_MASKS_CP_EQUIVALENCE_FP32,
-                               logits_rel_l2=d["rel_l2"], note="forward only; gradients not compared")
+                               broken=BROKEN_VARIANTS[variant], cp=4, row="A", **book)
 
 
 def test_flex_backend_through_build(model, gemma4_model_dir, depth, stage_report) -> None:  # noqa: ANN001
