@@ -108,3 +108,8 @@ CP_MASKS_CP_FLEX_FP32 = (
 CP_MASKS_PLANNING = (Gate("plan_seconds", "<=", 1.0),)
 # Load balance of the front/back split on a single causal document: equal attention work per rank.
 CP_MASKS_BALANCE = (Gate("work_imbalance", "<=", 1.0),)
+
+# --- stage_tokenization: a real vLLM engine vs HF transformers (validation/test_vllm_engine.py) ---------------
+# The log-prob vLLM returns for each token it sampled from the tiny MoE fixture (fp32, CPU) vs HF transformers'
+# log-prob of that token in the same context: an alignment or numerics bug in either moves it by O(1).
+VLLM_VS_HF_SAMPLED_LOGPROBS_FP32 = (Gate("max_abs_logprob_diff", "<=", 1e-4),)
