@@ -23,6 +23,9 @@ def render_run(summary: dict, tests: list[dict]) -> str:
         c = stage["counts"]
         rows.append(f"<tr class='{esc(stage['status'])}'><td>{esc(name)}</td><td>{esc(stage['status'])}</td>"
                     f"<td>{c['passed']}</td><td>{c['failed'] + c['error']}</td><td>{c['skipped']}</td></tr>")
+    not_run = summary.get("not_run") or []
+    banner = (f"<p class='attention'><b>not run (no tests; not green): {esc(', '.join(not_run))}</b></p>"
+              if not_run else "")
     detail = []
     for test in tests:
         detail.append(f"<h3 class='{esc(test['outcome'])}'>{esc(test['nodeid'])} — {esc(test['outcome'])}"
@@ -44,8 +47,9 @@ def render_run(summary: dict, tests: list[dict]) -> str:
                           f"<th>threshold</th><th>verdict</th></tr>{gates}</table>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>gemma4-support run {esc(summary['run_dir'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px}}.failed,.error{{color:#b00}}.passed{{color:#070}}.skipped,.not_run{{color:#777}}</style>
+td,th{{border:1px solid #ccc;padding:2px 8px}}.failed,.error{{color:#b00}}.passed{{color:#070}}.skipped,.not_run{{color:#777}}.attention{{color:#b60}}</style>
 </head><body><h1>gemma4-support validation run</h1>
+{banner}
 <p>{esc(summary['run_dir'])} — exit status {summary['exit_status']} — {summary['duration_s']} s</p>
 <p>commit {esc(str(prov['git']['commit']))}{' (dirty)' if prov['git']['dirty'] else ''} · device {esc(str(prov['device']['name']))}
  · model {esc(str(prov['model']['path']))} ({esc(str(prov['model']['config_fingerprint']))}) · seed {prov['seed']}</p>
