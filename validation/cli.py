@@ -1,4 +1,7 @@
-"""gemma4-validate: make fixtures, discover a model's layer families, run the validation stages."""
+"""gemma4-validate: make fixtures, discover a model's layer families, run the validation stages.
+
+`run` exits 0 when every selected stage passed, 1 when a test failed, 2 on a usage error, 3 when a selected stage
+ran no tests (status not_run) unless --allow-not-run is given (an interrupted or crashed pytest run exits 1)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from gemma4_support.errors import Gemma4Error
@@ -13,6 +17,8 @@ from gemma4_support.errors import Gemma4Error
 SUITE = Path(__file__).resolve().parent  # the installed (or checked-out) validation package: the tests live here
 # What pyproject.toml's addopts give a run from the checkout; the CLI runs without any ini file.
 SUITE_OPTIONS = ("--strict-markers", "--dist", "loadgroup", "-p", "validation.plugin", "-p", "validation.conftest_vllm")
+# pytest's exit codes onto ours (1 not green, 2 usage error), keeping 3 for "a selected stage ran no tests".
+_PYTEST_EXIT = {1: 1, 2: 1, 3: 1, 4: 2}  # failed, interrupted, internal error, usage error
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
@@ -57,32 +63,68 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _selected_stages(args: argparse.Namespace) -> list[str]:
+    """The stages `--stages` names (default: all), refusing unknown ones."""
     from validation.stages import STAGE_NAMES
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else list(STAGE_NAMES)
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
         raise Gemma4Error(f"unknown stage(s) {unknown}", f"choose from {', '.join(STAGE_NAMES)}")
-    if args.model:
-        from gemma4_support.config.spec import load_spec
+    return stages
 
-        load_spec(args.model)  # refuse a bad model before pytest starts
+
+def pytest_command(args: argparse.Namespace, stages: list[str], run_dir_file: Path) -> list[str]:
+    """The pytest command line of a run: the installed suite, the stages' markers and the suite's options."""
     # No ini file, and conftest files only from the suite itself: the same run from any directory, installed or not.
     cmd = [sys.executable, "-m", "pytest", str(SUITE), "-c", os.devnull, "--rootdir", str(SUITE.parent),
            "--confcutdir", str(SUITE), *SUITE_OPTIONS, "-p", "no:cacheprovider",
-           "-m", " or ".join(f"stage_{s}" for s in stages), "--report-dir", str(Path(args.report_dir or "reports").resolve())]
+           "-m", " or ".join(f"stage_{s}" for s in stages), "--report-dir", str(Path(args.report_dir or "reports").resolve()),
+           "--gemma4-run-dir-file", str(run_dir_file)]
     if args.workers:
         cmd += ["-n", str(args.workers)]
     if args.model:
         cmd += ["--gemma4-model", str(Path(args.model).resolve())]
+    if args.chat_template:
+        cmd += ["--gemma4-chat-template", str(Path(args.chat_template).resolve())]
     if args.full_depth:
         cmd += ["--gemma4-full-depth"]
-    cmd += args.pytest_args
-    rc = subprocess.call(cmd, env=os.environ.copy())
-    if rc == 5:
-        print(f"gemma4-validate: no tests selected for stage(s) {', '.join(stages)}", file=sys.stderr)
-    return rc
+    if not any(a == "--tb" or a.startswith("--tb=") for a in args.pytest_args):
+        cmd += ["--tb=short"]  # readable failing logs unless the user chose their own
+    return cmd + list(args.pytest_args)
+
+
+def _not_run(run_dir_file: Path, stages: list[str]) -> list[str] | None:
+    """The selected stages the run's summary.json reports `not_run` (None when the run wrote no summary)."""
+    try:
+        summary = json.loads((Path(run_dir_file.read_text().strip()) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return [s for s in summary.get("not_run", []) if s in stages]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    stages = _selected_stages(args)
+    if args.model:
+        from gemma4_support.config.spec import load_spec
+
+        load_spec(args.model)  # refuse a bad model before pytest starts
+    if args.chat_template and not Path(args.chat_template).is_file():
+        raise Gemma4Error(f"chat template {args.chat_template} is not a file", "pass a Jinja chat template file")
+    with tempfile.TemporaryDirectory(prefix="gemma4-validate-") as tmp:
+        run_dir_file = Path(tmp) / "run_dir"
+        rc = subprocess.call(pytest_command(args, stages, run_dir_file), env=os.environ.copy())
+        not_run = _not_run(run_dir_file, stages)
+    if rc not in (0, 5) or not_run is None:
+        return _PYTEST_EXIT.get(rc, rc)
+    if not_run and not args.allow_not_run:
+        print(f"gemma4-validate: stage(s) {', '.join(not_run)} ran no tests (not_run), so the run is not green — "
+              "fix: select stages that have tests (--stages), or pass --allow-not-run", file=sys.stderr)
+        return 3
+    if not_run:
+        print(f"gemma4-validate: stage(s) {', '.join(not_run)} ran no tests (not_run; allowed by --allow-not-run)",
+              file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--report-dir", default=None, help="where run folders go (default: ./reports)")
         p.add_argument("--full-depth", action="store_true", help="do not truncate --model to its covering depth")
         p.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (0: in one process)")
+        p.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Gemma 4 chat template (Jinja) for the tokenization stage (default: the model's own)")
+        p.add_argument("--allow-not-run", action="store_true",
+                       help="exit 0 even when a selected stage has no tests (status not_run; otherwise exit 3)")
     rn.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments after --")
     parser.set_defaults(pytest_args=[])
     return parser
