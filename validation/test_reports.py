@@ -79,3 +79,91 @@ def test_cli_discover_json_and_refusals(tmp_path):
     assert len(lines) == 1 and "hidden_size_per_layer_input" in lines[0] and "fix:" in lines[0]
     out = subprocess.run([*exe, "run", "--stages", "nope"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unknown stage" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# gates that measure: property and sensitivity records carry measured values; the CLI's exit codes
+
+_MEASURED_SELECTION = [
+    "validation/test_masks.py", "validation/test_cp_masks.py", "validation/test_collapse.py",
+    "-m", "stage_cp_masks or stage_tokenization",
+    "-k", "mask_properties or mask_window_off_by_one or packing_sensitivity or collapse_append or changed_token or report_counts",
+]
+
+
+def _records(run: Path) -> list[dict]:
+    """Every gate and sensitivity record of every stage JSON in a run folder."""
+    out = []
+    for name in STAGE_NAMES:
+        doc = json.loads((run / f"{name}.json").read_text())
+        out += [r for t in doc["tests"] for r in t["records"] if r["kind"] in ("gate", "sensitivity")]
+    return out
+
+
+def _check_property_record(rec: dict) -> None:
+    """A property gate ran examples and counted its failures, describing the first three."""
+    examples, failures = rec["metrics"]["examples"], rec["metrics"].get("failures")
+    assert type(examples) is int and examples >= 1, rec
+    assert type(failures) is int and 0 <= failures <= examples, rec
+    first = rec["info"]["first_failures"]
+    assert len(first) == min(failures, 3) and all(isinstance(f, str) and len(f) <= 1000 for f in first), rec
+    if rec["kind"] == "sensitivity":  # caught by counted failing examples, not by a written-in count
+        assert failures >= 1 and first, rec
+
+
+def _check_sensitivity_record(rec: dict) -> None:
+    """A sensitivity record names its mutation, measured every metric its gates judge, and a measured value failed."""
+    assert isinstance(rec["info"].get("broken"), str) and rec["info"]["broken"], rec["case"]
+    assert all(g["value"] is not None and g["metric"] in rec["metrics"] for g in rec["gates"]), rec["case"]
+    assert rec["caught"] and any(not g["passed"] for g in rec["gates"]), rec["case"]
+
+
+def test_no_gate_records_a_literal(tmp_path):
+    """A small staged run: every property gate counts examples and failures (the broken property's failures are
+    counted examples, each described); every sensitivity record says what it broke and measured each gated metric."""
+    out = _pytest(*_MEASURED_SELECTION, "--report-dir", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    records = _records(run)
+    properties = [r for r in records if "examples" in r["metrics"]]
+    sensitivity = [r for r in records if r["kind"] == "sensitivity"]
+    assert len(properties) >= 5 and any(r["kind"] == "sensitivity" for r in properties)
+    assert len(sensitivity) >= 3
+    for rec in properties:
+        _check_property_record(rec)
+    for rec in sensitivity:
+        _check_sensitivity_record(rec)
+
+
+def test_cli_command_line_defaults(tmp_path):
+    """`run` asks pytest for short tracebacks unless the user chose --tb, and passes --chat-template resolved."""
+    from validation.cli import build_parser, pytest_command
+
+    template = tmp_path / "t.jinja"
+    args = build_parser().parse_args(["run", "--chat-template", str(template), "--stages", "discovery"])
+    cmd = pytest_command(args, ["discovery"], tmp_path / "run_dir")
+    assert "--tb=short" in cmd
+    assert cmd[cmd.index("--gemma4-chat-template") + 1] == str(template.resolve())
+    args = build_parser().parse_args(["run", "--", "--tb=long"])
+    args.pytest_args = args.pytest_args[1:]  # main() drops the "--"
+    cmd = pytest_command(args, ["discovery"], tmp_path / "run_dir")
+    assert "--tb=short" not in cmd and cmd[-1] == "--tb=long"
+
+
+def test_cli_exits_3_when_a_selected_stage_has_no_tests(tmp_path):
+    """A selected stage with no tests is not green: exit 3 (summary.json lists it first, the HTML at the top);
+    --allow-not-run exits 0, here with --chat-template (which the plugin must accept)."""
+    template = tmp_path / "chat_template.jinja"  # only passed through: nothing reads it yet
+    template.write_text("{{ messages }}")
+    exe = [sys.executable, "-m", "validation.cli", "run", "--stages", "mismatch", "--workers", "0"]
+    out = subprocess.run([*exe, "--report-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "mismatch" in out.stderr and "--allow-not-run" in out.stderr
+    (run,) = [p for p in (tmp_path / "a").iterdir() if p.is_dir()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert next(iter(summary)) == "not_run" and "mismatch" in summary["not_run"]
+    page = (run / "index.html").read_text()
+    assert page.index("not run (no tests") < page.index("<table>")
+    out = subprocess.run([*exe, "--report-dir", str(tmp_path / "b"), "--allow-not-run", "--chat-template", str(template)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
