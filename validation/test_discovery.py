@@ -190,8 +190,17 @@ _DROP = object()
     (_bad(rope_parameters={"sliding_attention": {"rope_theta": 1.0}}), ConfigError, "rope_parameters"),
     ({"model_type": "gemma4"}, ConfigError, "text_config"),
     (_bad(rope_parameters={"sliding_attention": {"rope_theta": 1e4},
-                           "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "factor": 8.0}}),
-     UnsupportedVariantError, "factor"),
+                           "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "factor": 0.0}}),
+     ConfigError, "factor"),
+    (_bad(rope_parameters={"sliding_attention": {"rope_type": "yarn", "rope_theta": 1e4},
+                           "full_attention": {"rope_type": "proportional", "rope_theta": 1e6}}),
+     UnsupportedVariantError, "rope_type"),
+    (_bad(attention_bias=True), UnsupportedVariantError, "attention_bias"),
+    (_bad(attention_dropout=0.1), UnsupportedVariantError, "attention_dropout"),
+    (_bad(hidden_activation="gelu_new"), UnsupportedVariantError, "hidden_activation"),
+    (_bad(final_logit_softcapping=0.0), ConfigError, "final_logit_softcapping"),
+    (_bad(per_layer_config={"5": {"head_dim": 512, "intermediate_size": 64}}), UnsupportedVariantError, "intermediate_size"),
+    (_bad(per_layer_config={"5": {"head_dim": 512}, "11": {"head_dim": 256}}), UnsupportedVariantError, "per_layer_config"),
 ])
 def test_bad_configs_give_one_clear_line(config, error, field):
     with pytest.raises(error) as info:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma4_support.config.scope import per_layer_overrides, refuse_out_of_scope, require_uniform_per_type
 from gemma4_support.errors import ConfigError, UnsupportedVariantError
 
 SLIDING = "sliding_attention"
@@ -21,7 +22,6 @@ _DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 _DEFAULT_GLOBAL_HEAD_DIM = 512
-_DEFAULT_PLE_WIDTH = 256  # hidden_size_per_layer_input's HF default: per-layer embeddings ON
 _DEFAULT_PATTERN = 6  # layer i is full iff (i + 1) % 6 == 0
 # Geometry we never default: a config without these is broken, not "default-sized".
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -35,6 +35,7 @@ class RopeSpec:
     rope_type: str
     theta: float
     partial_rotary_factor: float = 1.0
+    factor: float = 1.0  # proportional RoPE divides its frequencies by it (transformers ignores it on default RoPE)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
     """Read a Gemma 4 config (dir, file or dict) into a ModelSpec, refusing what is out of scope."""
     raw, _ = read_config(source)
     cfg, wrapped = text_config(raw)
-    _refuse_out_of_scope(cfg)
+    notes: list[str] = refuse_out_of_scope(cfg)
     missing = [k for k in _REQUIRED if cfg.get(k) is None]
     if missing:
         raise ConfigError(f"config is missing required field(s) {', '.join(missing)}", "add them to config.json")
@@ -154,7 +155,6 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
             raise ConfigError(f"config field {key} must be a positive integer, got {cfg[key]!r}", f"fix {key} in config.json")
 
     n = cfg["num_hidden_layers"]
-    notes: list[str] = []
     layer_types = cfg.get("layer_types")
     if layer_types is None:
         layer_types = [FULL if (i + 1) % _DEFAULT_PATTERN == 0 else SLIDING for i in range(n)]
@@ -176,8 +176,8 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
     k_eq_v = bool(cfg.get("attention_k_eq_v", False))
     global_head_dim = cfg.get("global_head_dim", _DEFAULT_GLOBAL_HEAD_DIM)
     global_kv = cfg.get("num_global_key_value_heads") if k_eq_v else None
-    per_layer = _per_layer_overrides(cfg, layer_types, global_head_dim, global_kv)
-    rope = _rope_specs(cfg)
+    per_layer = per_layer_overrides(cfg, layer_types, global_head_dim, global_kv)
+    rope = _rope_specs(cfg, set(layer_types))
     moe = _moe_spec(cfg)
     q_heads = cfg["num_attention_heads"]
 
@@ -197,77 +197,57 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
             head_dim=head_dim, num_kv_heads=kv_heads, k_eq_v=k_eq_v and not sliding,
             rope=rope[layer_type], mlp="moe" if moe else "dense",
         ))
+    geometry: dict[str, set[tuple[int, int]]] = {}
+    for layer in layers:
+        geometry.setdefault(layer.layer_type, set()).add((layer.head_dim, layer.num_kv_heads))
+    require_uniform_per_type(geometry)
     softcap = cfg.get("final_logit_softcapping")
+    # The wrapper's lm_head is tied (or not) by the wrapper's own field: transformers ties
+    # Gemma4ForConditionalGeneration's weights from its top-level config, never from text_config.
+    tied = raw.get("tie_word_embeddings", True) if wrapped else cfg.get("tie_word_embeddings", True)
     return ModelSpec(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_attention_heads=q_heads,
         intermediate_size=cfg["intermediate_size"], layers=tuple(layers), moe=moe,
         sliding_window=cfg["sliding_window"], max_position_embeddings=int(cfg.get("max_position_embeddings", 131_072)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         final_logit_softcapping=None if softcap is None else float(softcap),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        tie_word_embeddings=bool(tied),
         hidden_activation=cfg.get("hidden_activation", "gelu_pytorch_tanh"), pad_token_id=cfg.get("pad_token_id", 0),
         wrapped=wrapped, notes=tuple(notes),
     )
 
 
-def _refuse_out_of_scope(cfg: dict) -> None:
-    ple = cfg.get("hidden_size_per_layer_input", _DEFAULT_PLE_WIDTH)
-    if ple:
-        where = "" if "hidden_size_per_layer_input" in cfg else " (absent: HF defaults it to 256)"
-        raise UnsupportedVariantError(
-            f"hidden_size_per_layer_input={ple}{where}: per-layer embeddings (Gemma 4 E2B/E4B) are not supported",
-            "use the 26B-A4B or 31B model, or a config with hidden_size_per_layer_input: 0",
-        )
-    if cfg.get("num_kv_shared_layers", 0):
-        raise UnsupportedVariantError(
-            f"num_kv_shared_layers={cfg['num_kv_shared_layers']}: KV sharing (Gemma 4 E2B/E4B) is not supported",
-            "use a config with num_kv_shared_layers: 0",
-        )
-    if cfg.get("use_bidirectional_attention") == "all":
-        raise UnsupportedVariantError(
-            "use_bidirectional_attention='all': bidirectional text attention is not supported (RL training is causal)",
-            "use a causal Gemma 4 config (use_bidirectional_attention: null or 'vision')",
-        )
-    if cfg.get("use_double_wide_mlp"):
-        raise UnsupportedVariantError("use_double_wide_mlp=true is not supported", "use a config without the double-wide MLP")
-
-
-def _per_layer_overrides(cfg: dict, layer_types: list[str], global_head_dim: int, global_kv: int | None) -> dict[int, dict]:
-    saved = cfg.get("per_layer_config")
-    if saved is None:
-        over: dict[str, Any] = {"head_dim": global_head_dim}
-        if global_kv is not None:
-            over["num_key_value_heads"] = global_kv
-        return {i: dict(over) for i, t in enumerate(layer_types) if t == FULL}
-    if not isinstance(saved, dict):
-        raise ConfigError("per_layer_config must map layer index to overrides", "re-save the config with transformers")
-    out = {}
-    for key, value in saved.items():
-        try:
-            idx = int(key)
-        except (TypeError, ValueError):
-            raise ConfigError(f"per_layer_config key {key!r} is not a layer index", "re-save the config") from None
-        if not 0 <= idx < len(layer_types) or not isinstance(value, dict):
-            raise ConfigError(f"per_layer_config entry {key!r} is out of range or not an object", "re-save the config")
-        out[idx] = value
-    return out
-
-
-def _rope_specs(cfg: dict) -> dict[str, RopeSpec]:
+def _rope_specs(cfg: dict, layer_types: set[str]) -> dict[str, RopeSpec]:
+    """One RopeSpec per layer type present (transformers builds a rotary table for those only)."""
     params = cfg.get("rope_parameters") or _DEFAULT_ROPE
+    if not isinstance(params, dict):
+        raise ConfigError("rope_parameters must map layer type to its RoPE parameters", "re-save the config with transformers")
     specs = {}
-    for layer_type in (SLIDING, FULL):
+    for layer_type in sorted(layer_types):
         p = params.get(layer_type)
-        if not isinstance(p, dict) or "rope_theta" not in p:
-            raise ConfigError(f"rope_parameters has no {layer_type!r} entry with rope_theta", "add it (see HF Gemma4TextConfig)")
+        if not isinstance(p, dict) or not isinstance(p.get("rope_theta"), (int, float)) or p["rope_theta"] <= 0:
+            raise ConfigError(f"rope_parameters has no {layer_type!r} entry with a positive rope_theta",
+                              "add it (see HF Gemma4TextConfig)")
         rope_type = p.get("rope_type", "default")
         if rope_type not in ("default", "proportional"):
-            raise UnsupportedVariantError(f"rope_type {rope_type!r} for {layer_type} is not supported", "use default/proportional")
-        if float(p.get("factor", 1.0)) != 1.0:  # HF's proportional RoPE divides frequencies by it; not modelled here
-            raise UnsupportedVariantError(f"rope_parameters[{layer_type!r}] has factor={p['factor']}: scaled RoPE is not supported",
-                                          "use a config without a RoPE scaling factor (factor: 1.0)")
-        specs[layer_type] = RopeSpec(rope_type, float(p["rope_theta"]), float(p.get("partial_rotary_factor", 1.0)))
+            raise UnsupportedVariantError(f"rope_parameters[{layer_type!r}] rope_type {rope_type!r} is not supported",
+                                          "use rope_type default or proportional")
+        # transformers' default RoPE ignores both fields: the spec keeps the effective values
+        proportional = rope_type == "proportional"
+        factor = _number(p, "factor", layer_type) if proportional else 1.0
+        partial = _number(p, "partial_rotary_factor", layer_type) if proportional else 1.0
+        if factor <= 0 or not 0.0 <= partial <= 1.0:
+            raise ConfigError(f"rope_parameters[{layer_type!r}] has factor={factor}, partial_rotary_factor={partial}",
+                              "use factor > 0 and partial_rotary_factor in [0, 1]")
+        specs[layer_type] = RopeSpec(rope_type, float(p["rope_theta"]), partial, factor)
     return specs
+
+
+def _number(params: dict, key: str, layer_type: str) -> float:
+    value = params.get(key, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"rope_parameters[{layer_type!r}][{key!r}] is {value!r}, not a number", f"set {key} to a number")
+    return float(value)
 
 
 def _moe_spec(cfg: dict) -> MoESpec | None:

@@ -1,5 +1,8 @@
 """ModelSpec -> megatron-core TransformerConfig: one model-wide config plus a per-layer copy
-carrying that layer's head dim and kv heads (Gemma 4's geometry differs per layer)."""
+carrying that layer's head dim and kv heads (Gemma 4's geometry differs per layer).
+
+megatron-core validates its config in `__post_init__` and raises its own ValueError / AssertionError, worded in
+its own option names; both builders here turn that into one ConfigError line naming the HF config field(s)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +16,17 @@ from megatron.core.transformer import TransformerConfig
 from gemma4_support.config.spec import LayerSpec, ModelSpec
 from gemma4_support.errors import ConfigError
 
-# HF's "gelu_pytorch_tanh" is torch's tanh-approximated GELU.
-_ACTIVATIONS = {"gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+# transformers' ACT2FN functions, exactly: "gelu_pytorch_tanh" is torch's tanh-approximated GELU, "gelu" the
+# erf GELU, "silu"/"swish" SiLU (config/scope.ACTIVATIONS lists the accepted names).
+_ACTIVATIONS = {"gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "silu": F.silu,
+                "swish": F.silu, "relu": F.relu}
+# megatron-core option (as its messages spell it) -> the HF Gemma4TextConfig field it is built from.
+_HF_FIELD_OF = {
+    "num_moe_experts": "num_experts", "moe_router_topk": "top_k_experts", "topk": "top_k_experts",
+    "moe_ffn_hidden_size": "moe_intermediate_size", "num_query_groups": "num_key_value_heads",
+    "kv_channels": "head_dim", "num_attention_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size",
+    "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "layernorm_epsilon": "rms_norm_eps",
+}
 
 
 def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -25,8 +37,25 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ConfigError(f"hidden_activation {name!r} is not supported", f"use one of {sorted(_ACTIVATIONS)}") from None
 
 
+def megatron_refusal(exc: Exception, where: str) -> ConfigError:
+    """megatron-core's validation error as one ConfigError line naming the HF field(s) it came from."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    lowered = message.lower()
+    fields = sorted({hf for mc, hf in _HF_FIELD_OF.items() if mc in lowered or mc.replace("_", "-") in lowered})
+    named = ", ".join(fields) if fields else "the model geometry"
+    return ConfigError(f"megatron-core rejects the {where} built from {named}: {message[:300]}",
+                       f"this Gemma 4 variant is not modelled: change {named} in config.json")
+
+
 def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """The model-wide megatron-core config (geometry of the first layer; layers override it)."""
+    try:
+        return _transformer_config(spec, params_dtype)
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise megatron_refusal(exc, "model config") from None
+
+
+def _transformer_config(spec: ModelSpec, params_dtype: torch.dtype) -> TransformerConfig:
     first = spec.layers[0]
     moe = spec.moe
     return TransformerConfig(
@@ -50,6 +79,9 @@ def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.flo
         attention_dropout=0.0,
         num_moe_experts=moe.num_experts if moe else None,
         moe_router_topk=moe.top_k if moe else 2,
+        # Gemma 4's router (model/router.py, not megatron's) takes the softmax over all experts BEFORE top-k:
+        # megatron calls that pre-softmax and, with top_k_experts = 1, refuses a config that does not say so.
+        moe_router_pre_softmax=True,
         moe_ffn_hidden_size=moe.expert_intermediate_size if moe else None,
         moe_aux_loss_coeff=0.0,  # Gemma 4 has no auxiliary loss
         params_dtype=params_dtype,
@@ -63,4 +95,7 @@ def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.flo
 
 def layer_config(config: TransformerConfig, layer: LayerSpec) -> TransformerConfig:
     """A copy of `config` with one layer's head dim and kv heads (its window lives in the attention masks)."""
-    return dataclasses.replace(config, kv_channels=layer.head_dim, num_query_groups=layer.num_kv_heads)
+    try:
+        return dataclasses.replace(config, kv_channels=layer.head_dim, num_query_groups=layer.num_kv_heads)
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise megatron_refusal(exc, f"layer {layer.index} config") from None

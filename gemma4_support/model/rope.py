@@ -2,8 +2,8 @@
 
 Sliding layers: default RoPE over the whole head (theta 1e4). Full layers: "proportional" RoPE (theta 1e6,
 factor 0.25): head_dim/2 frequencies, the first int(0.25 * head_dim / 2) equal to theta^(-2k/head_dim)
-(denominator = the FULL head dim), the rest zero (identity rotation). In both, lane d pairs with
-d + head_dim/2 across the whole head (neox rotate-half). This is not Megatron's `rotary_percent`, which
+(denominator = the FULL head dim), the rest zero (identity rotation), all divided by the RoPE `factor` (default
+1). In both, lane d pairs with d + head_dim/2 across the whole head (neox rotate-half). This is not Megatron's `rotary_percent`, which
 rotates only the first lanes with its own denominator and pairing.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     if rope.rope_type == "proportional":
         rotating = int(rope.partial_rotary_factor * head_dim // 2)
         inv_freq[rotating:] = 0.0
+        inv_freq = inv_freq / rope.factor  # transformers divides every frequency by the RoPE scaling factor
     return inv_freq
 
 
