@@ -3,19 +3,56 @@ from __future__ import annotations
 
 from gemma4_support.metrics import Gate
 
-# --- stage_hf_parity (issue 3) ---------------------------------------------------------------
+# --- stage_hf_parity (issue 3, issue 9) ----------------------------------------------------------
+# fp32 is judged relative to HF's own precision (issue 9): Megatron fp32 vs HF fp32, max |Δ label log-prob|
+# <= max(1e-4, 2 x HF fp32's own distance from an fp64 run of the same checkpoint with HF fp32's expert choices
+# imposed). The factor 2: if Megatron is no further from the fp64 result than HF is, the triangle inequality
+# keeps the two fp32 runs within twice HF's distance. Measured floors: 3e-6 to 3.3e-5 on the tiny configs and the
+# fixtures at 64 tokens (CPU); 2.1e-4 on the 26B-A4B shapes cut to 6 layers at 4096 tokens on the H200
+# (docs/gpu_hf_parity.md, fp64 run without routing replay), where a flat 1e-4 fails.
+HF_PARITY_FP32_LOGPROB_MIN = 1e-4
+HF_PARITY_FP32_FLOOR_FACTOR = 2.0
 HF_PARITY_FORWARD_FP32 = (
-    Gate("max_abs_logprob", "<=", 1e-4),
+    Gate("max_abs_logprob", "<=", HF_PARITY_FP32_LOGPROB_MIN),
     Gate("mean_kl", "<=", 1e-7),
-)
-HF_PARITY_FORWARD_BF16 = (
-    Gate("logprob_mean_abs_pct", "<=", 1.0),
-    Gate("mean_kl", "<=", 1e-3),
 )
 HF_PARITY_BACKWARD_FP32 = (
     Gate("loss_rel_diff", "<=", 1e-5),
     Gate("max_rel_l2", "<=", 1e-4),
 )
+# Gradients fp32 cannot resolve: a tensor whose HF fp32 gradient is further than 5e-5 (half the rel-L2 gate) from
+# the fp64 run's leaves the rel-L2 gate, which would compare rounding noise with rounding noise (with
+# top_k_experts = 1 the router's gradient is exactly zero, p / p; with top-1 or one expert, per_expert_scale
+# cancels in post_feedforward_layernorm_2 up to eps: HF fp32 is 0.3-8 % from fp64 there). Such a tensor is judged
+# against fp64 instead: Megatron's rel-L2 from the fp64 gradient <= 10 x HF fp32's. Not 2: noise against noise
+# measured ratios up to 4.4 (median 1.0) over 168 such tensors (8 seeds x top-1 with 1, 4, 8 experts); a gradient
+# that is really wrong there (not ~0) is 100x and more.
+HF_PARITY_GRAD_RESOLVED = 5e-5
+HF_PARITY_BACKWARD_FP32_UNRESOLVED = (Gate("unresolved_grad_vs_fp64_ratio", "<=", 10.0),)
+
+
+def hf_parity_forward_fp32(hf_fp32_vs_fp64: float) -> tuple[Gate, ...]:
+    """The fp32 forward gates for a measured HF fp32-vs-fp64 max |Δ log-prob| (the KL gate stays absolute)."""
+    allowed = max(HF_PARITY_FP32_LOGPROB_MIN, HF_PARITY_FP32_FLOOR_FACTOR * hf_fp32_vs_fp64)
+    return (Gate("max_abs_logprob", "<=", allowed),) + HF_PARITY_FORWARD_FP32[1:]
+
+
+# bf16 (issue 9): Megatron bf16's distance from the fp32 reference (HF fp32; label log-prob mean-abs-% and KL)
+# <= 1.25 x HF bf16's distance from the same reference, and under an absolute ceiling. Both bf16 runs get the
+# fp32 reference's expert choices imposed, so both measure bf16 arithmetic, not routing flips.
+HF_PARITY_BF16_FACTOR = 1.25
+HF_PARITY_BF16_CEILING = (
+    Gate("megatron_bf16_vs_fp32_mean_abs_pct", "<=", 10.0),
+    Gate("megatron_bf16_vs_fp32_mean_kl", "<=", 0.05),
+)
+
+
+def hf_parity_forward_bf16(hf_bf16_mean_abs_pct: float, hf_bf16_mean_kl: float) -> tuple[Gate, ...]:
+    """The bf16 forward gates for HF bf16's measured distance from the fp32 reference, plus the absolute ceiling."""
+    return (Gate("megatron_bf16_vs_fp32_mean_abs_pct", "<=", HF_PARITY_BF16_FACTOR * hf_bf16_mean_abs_pct),
+            Gate("megatron_bf16_vs_fp32_mean_kl", "<=", HF_PARITY_BF16_FACTOR * hf_bf16_mean_kl)) + HF_PARITY_BF16_CEILING
+
+
 # Routing agreement on MoE models, with the reference's expert choices replayed into Megatron so every
 # layer's router sees the same input up to rounding. Some router bugs are invisible in the logits:
 # post_feedforward_layernorm_2 normalises each token's weighted expert sum, so a per-token rescaling of the
