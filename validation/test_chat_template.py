@@ -1,20 +1,129 @@
-"""Stage tokenization, the fixtures' chat template on a hand-made conversation (system, thinking, parallel tool
-calls with nested unicode arguments, string and dict tool responses, content parts): it renders the Gemma 4
-format exactly, transformers' AutoTokenizer renders and tokenizes the same, its history is append-only (the
-thought-stripping variant's is not), and vLLM's own Gemma 4 parsers read every model turn back."""
+"""Stage tokenization, the fixtures' chat template against the published Gemma 4 format: one golden string per
+construct (facts of the format: system turn, thinking flag, trimming, roles, tool declarations, tool calls and
+responses, thoughts and which past ones are dropped, the generation prompts of both model families), the
+hand-made conversation rendered whole, transformers' AutoTokenizer rendering and tokenizing the same, a
+template error naming the message, and vLLM's own Gemma 4 parsers reading every model turn back."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.chat_template import CHAT_TEMPLATE, STRIP_THOUGHTS_TEMPLATE
+from fixtures.chat_template import CHAT_TEMPLATE, E2B_CHAT_TEMPLATE
 from fixtures.conversations import CALL_ARGS_1, CALL_ARGS_2, weather_conversation, weather_tools
-from fixtures.tokenizer import SPECIAL_TOKENS, encode
-from gemma4_support.chat.template import render
+from fixtures.tokenizer import SPECIAL_TOKENS
+from gemma4_support.chat.template import render, render_prompt
+from gemma4_support.errors import TokenizationError
 from validation.vllm_parsers import parse_model_text
 
 pytestmark = pytest.mark.stage_tokenization
+
+Q = '<|"|>'
+USER = {"role": "user", "content": "hi"}
+CALL = {"id": "c1", "type": "function", "function": {"name": "look", "arguments": {"b": 2, "A": "x", "a": [1, None]}}}
+TOOL = {"type": "function", "function": {"name": "look", "description": "Looks.", "parameters": {
+    "type": "object", "required": ["q"],
+    "properties": {"q": {"type": "string", "description": "what"}, "k": {"type": "integer"},
+                   "mode": {"type": "string", "enum": ["fast", "slow"]}, "tags": {"type": "array", "items": {"type": "string"}}}}}}
+DECL = (f"<|tool>declaration:look{{description:{Q}Looks.{Q},parameters:{{properties:{{k:{{type:{Q}INTEGER{Q}}},"
+        f"mode:{{enum:[{Q}fast{Q},{Q}slow{Q}],type:{Q}STRING{Q}}},q:{{description:{Q}what{Q},type:{Q}STRING{Q}}},"
+        f"tags:{{items:{{type:{Q}STRING{Q}}},type:{Q}ARRAY{Q}}}}},required:[{Q}q{Q}],type:{Q}OBJECT{Q}}}}}<tool|>")
+
+# (construct, messages, render options, the exact rendering)
+GOLDEN = [
+    ("no system turn without system, tools or thinking", [USER], {},
+     "<bos><|turn>user\nhi<turn|>\n"),
+    ("thinking flag opens the system turn, followed by a newline", [USER], {"enable_thinking": True},
+     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nhi<turn|>\n"),
+    ("content trimmed (system, user, model)", [{"role": "system", "content": "  S  "}, {"role": "user", "content": " u \n"},
+                                               {"role": "assistant", "content": "\n a "}], {},
+     "<bos><|turn>system\nS<turn|>\n<|turn>user\nu<turn|>\n<|turn>model\na<turn|>\n"),
+    ("a leading developer message is the system turn; a later one keeps its role",
+     [{"role": "developer", "content": "D1"}, USER, {"role": "developer", "content": "D2"}], {},
+     "<bos><|turn>system\nD1<turn|>\n<|turn>user\nhi<turn|>\n<|turn>developer\nD2<turn|>\n"),
+    ("system content parts: each trimmed, then a space", [{"role": "system", "content": [
+        {"type": "text", "text": " A "}, {"type": "text", "text": "B"}]}], {},
+     "<bos><|turn>system\nA B <turn|>\n"),
+    ("tool declarations: keys sorted, types upper-cased, strings quoted", [USER], {"tools": [TOOL]},
+     f"<bos><|turn>system\n{DECL}<turn|>\n<|turn>user\nhi<turn|>\n"),
+    ("tool-call arguments: keys sorted case-insensitively, unquoted; null", [USER, {"role": "assistant", "content": "",
+                                                                             "tool_calls": [CALL]}], {},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|tool_call>call:look{A:" + Q + "x" + Q
+     + ",a:[1,null],b:2}<tool_call|><|tool_response>"),
+    ("content and tool calls: the calls and their responses come before the content",
+     [USER, {"role": "assistant", "content": "after", "tool_calls": [CALL]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}], {},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|tool_call>call:look{A:" + Q + "x" + Q + ",a:[1,null],b:2}"
+     "<tool_call|><|tool_response>response:look{value:" + Q + "r" + Q + "}<tool_response|>after<turn|>\n"),
+    ("tool response name: by call id first, then the message's name, else unknown",
+     [USER, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+      {"role": "tool", "tool_call_id": "c1", "name": "other", "content": "1"},
+      {"role": "tool", "tool_call_id": "zz", "name": "other", "content": "2"},
+      {"role": "tool", "content": "3"}], {},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|tool_call>call:look{A:" + Q + "x" + Q + ",a:[1,null],b:2}"
+     "<tool_call|><|tool_response>response:look{value:" + Q + "1" + Q + "}<tool_response|><|tool_response>"
+     "response:other{value:" + Q + "2" + Q + "}<tool_response|><|tool_response>response:unknown{value:" + Q + "3"
+     + Q + "}<tool_response|>"),
+    ("a thought renders as a thought channel with newlines", [USER, {"role": "assistant", "reasoning": "r",
+                                                                    "content": "a"}], {},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\nr\n<channel|>a<turn|>\n"),
+    ("past thoughts are dropped for model turns before the last user message",
+     [USER, {"role": "assistant", "reasoning_content": "r1", "content": "a1"}, {"role": "user", "content": "u2"},
+      {"role": "assistant", "reasoning": "r2", "content": "a2"}], {},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\na1<turn|>\n<|turn>user\nu2<turn|>\n<|turn>model\n<|channel>thought\n"
+     "r2\n<channel|>a2<turn|>\n"),
+    ("a model message's own thought channel is removed from its content",
+     [USER, {"role": "assistant", "content": "x<|channel>thought\nhidden<channel|>y"}], {},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\nxy<turn|>\n"),
+    ("26B-A4B / 31B generation prompt with thinking off: an empty thought", [USER], {"add_generation_prompt": True},
+     "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),
+    ("generation prompt with thinking on", [USER], {"add_generation_prompt": True, "enable_thinking": True},
+     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nhi<turn|>\n<|turn>model\n"),
+    ("after a tool response with thinking on the open turn continues with a thought",
+     [USER, {"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "c1",
+                                                                          "content": "r"}],
+     {"add_generation_prompt": True, "enable_thinking": True},
+     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nhi<turn|>\n<|turn>model\n<|tool_call>call:look{A:" + Q + "x"
+     + Q + ",a:[1,null],b:2}<tool_call|><|tool_response>response:look{value:" + Q + "r" + Q
+     + "}<tool_response|><|channel>thought\n"),
+]
+
+
+@pytest.mark.parametrize("construct, messages, options, expected", GOLDEN, ids=[g[0] for g in GOLDEN])
+def test_golden_construct(construct: str, messages: list, options: dict, expected: str) -> None:
+    """The fixtures' template renders each construct of the published format exactly."""
+    assert render(messages, template=CHAT_TEMPLATE, **options) == expected
+
+
+def test_e2b_family_generation_prompt_has_no_empty_thought() -> None:
+    assert render([USER], template=E2B_CHAT_TEMPLATE, add_generation_prompt=True) == (
+        "<bos><|turn>user\nhi<turn|>\n<|turn>model\n")
+    assert render([USER], template=CHAT_TEMPLATE, add_generation_prompt=True).endswith(
+        "<|turn>model\n<|channel>thought\n<channel|>")
+
+
+def test_json_string_arguments_raise_in_the_template_and_decode_on_vllms_path() -> None:
+    """The template refuses arguments given as a JSON string; vLLM's request path decodes them first."""
+    as_text = {**CALL, "function": {"name": "look", "arguments": '{"b": 2}'}}
+    messages = [USER, {"role": "assistant", "content": "", "tool_calls": [as_text]}]
+    with pytest.raises(Exception, match="must be a JSON object"):
+        render(messages, template=CHAT_TEMPLATE)
+    assert "call:look{b:2}" in render_prompt(messages, template=CHAT_TEMPLATE)
+    with pytest.raises(TokenizationError, match=r"message 1 \(assistant\) tool call 0 arguments are a JSON list"):
+        render_prompt([USER, {"role": "assistant", "tool_calls": [
+            {**CALL, "function": {"name": "look", "arguments": "[1]"}}]}], template=CHAT_TEMPLATE)
+
+
+def test_weather_conversation_renders_whole(hf_tokenizer) -> None:
+    """The hand-made conversation: thinking on, two parallel calls, responses, parts, a later noop call."""
+    text = render(weather_conversation(), template=CHAT_TEMPLATE, tools=weather_tools(), enable_thinking=True)
+    assert text.startswith("<bos><|turn>system\n<|think|>\nYou are terse.<|tool>declaration:get_weather{")
+    assert ("<|turn>model\n<|tool_call>call:get_weather{city:" + Q + 'Zürich, "old town"' + Q + ",days:3,metric:true,"
+            "opts:{hours:[6,12,18],unit:" + Q + "celsius" + Q + "},ratio:2.5,tags:[") in text
+    assert text.endswith("<|turn>user\nThanks!Bye.<turn|>\n<|turn>model\nYou're welcome.<turn|>\n"
+                         "<|turn>user\nOne more: call noop.<turn|>\n<|turn>model\n<|tool_call>call:noop{}<tool_call|>"
+                         "<|tool_response>response:noop{value:" + Q + Q + "}<tool_response|>Done.<turn|>\n")
+    assert "Need the tool." not in text and "Polite close." not in text  # both before a later user message
 
 
 @pytest.fixture(scope="module")
@@ -24,99 +133,30 @@ def hf_tokenizer():  # noqa: ANN201
     return hf_tokenizer("moe")
 
 
-def _render(messages: list[dict], tools: list[dict] | None = None, template: str = CHAT_TEMPLATE, **kwargs) -> str:  # noqa: ANN003
-    """The library's renderer with the fixtures' template."""
-    return render(messages, template=template, tools=tools, **kwargs)
-
-
-def _expected_first_turns() -> str:
-    return (
-        "<bos><|turn>system\n<|think|>You are terse."
-        "<|tool>declaration:get_weather{description:<|\"|>Weather for a city.\nReturns {temp, sky}.<|\"|>,"
-        "parameters:{type:<|\"|>object<|\"|>,properties:{city:{type:<|\"|>string<|\"|>},"
-        "days:{type:<|\"|>integer<|\"|>},metric:{type:<|\"|>boolean<|\"|>},ratio:{type:<|\"|>number<|\"|>},"
-        "opts:{type:<|\"|>object<|\"|>,properties:{unit:{type:<|\"|>string<|\"|>},hours:{type:<|\"|>array<|\"|>,"
-        "items:{type:<|\"|>integer<|\"|>}}}},tags:{type:<|\"|>array<|\"|>,items:{type:<|\"|>string<|\"|>}}},"
-        "required:[<|\"|>city<|\"|>]}}<tool|>"
-        "<|tool>declaration:noop{description:<|\"|>Does nothing.<|\"|>,parameters:{type:<|\"|>object<|\"|>,"
-        "properties:{}}}<tool|><turn|>\n"
-        "<|turn>user\nWeather in Zürich?\nAnd 東京.<turn|>\n"
-        "<|turn>model\n<|channel>thought\nNeed the tool.\nTwo cities: call twice.<channel|>"
-        "<|tool_call>call:get_weather{city:<|\"|>Zürich, \"old town\"<|\"|>,days:3,metric:true,ratio:2.5,"
-        "opts:{unit:<|\"|>celsius<|\"|>,hours:[6,12,18]},tags:[<|\"|>a,b<|\"|>,<|\"|>line1\nline2<|\"|>,"
-        "<|\"|>{braces}<|\"|>,<|\"|>東京 🙂<|\"|>,<|\"|><|\"|>]}<tool_call|>"
-        "<|tool_call>call:get_weather{city:<|\"|>東京<|\"|>,days:1}<tool_call|>"
-        "<|tool_response>response:get_weather{value:<|\"|>12 C, rain<|\"|>}<tool_response|>"
-        "<|tool_response>response:get_weather{temp:20,sky:<|\"|>clear<|\"|>}<tool_response|>"
-        "<|channel>thought\nBoth known.<channel|>Zürich 12 C; 東京 20 C.<turn|>\n"
-    )
-
-
-def test_template_renders_the_gemma4_format():
-    conv = weather_conversation()
-    text = _render(conv, weather_tools(), enable_thinking=True)
-    assert text.startswith(_expected_first_turns())
-    assert text.endswith(
-        "<|turn>user\nThanks! Bye.<turn|>\n"
-        "<|turn>model\n<|channel>thought\nPolite close.<channel|>You're welcome.\n<turn|>\n"
-        "<|turn>user\nOne more: call noop.<turn|>\n"
-        "<|turn>model\n<|tool_call>call:noop{}<tool_call|><|tool_response>response:noop{value:<|\"|><|\"|>}"
-        "<tool_response|>Done.<turn|>\n"
-    )
-    assert text.count("<bos>") == 1
-    # no system turn without system message / tools / thinking; generation prompt
-    assert _render([{"role": "user", "content": "hi"}], add_generation_prompt=True) == (
-        "<bos><|turn>user\nhi<turn|>\n<|turn>model\n")
-    assert _render([{"role": "user", "content": "hi"}], enable_thinking=True, add_generation_prompt=True) == (
-        "<bos><|turn>system\n<|think|><turn|>\n<|turn>user\nhi<turn|>\n<|turn>model\n")
-    # the model turn stays open after tool calls / responses: no new generation prompt
-    assert _render(conv[:4], weather_tools(), add_generation_prompt=True) == _render(conv[:4], weather_tools())
-
-
-def test_autotokenizer_chat_template_equals_render(hf_tokenizer):
+def test_autotokenizer_chat_template_equals_render(hf_tokenizer) -> None:
+    """transformers renders and tokenizes the fixture's template exactly as the library renders it."""
     assert hf_tokenizer.chat_template == CHAT_TEMPLATE
     conv = weather_conversation()
-    for msgs, tools, think, gen in [
-        (conv, weather_tools(), True, False),
-        (conv, None, False, False),
-        (conv[:2], weather_tools(), True, True),
-        (conv[1:2], None, False, True),
-        (conv[:5], weather_tools(), False, True),
-    ]:
-        want = _render(msgs, tools, add_generation_prompt=gen, enable_thinking=think)
-        got = hf_tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen,
-                                               enable_thinking=think, tokenize=False)
+    for msgs, tools, think, gen in [(conv, weather_tools(), True, False), (conv, None, False, False),
+                                    (conv[:2], weather_tools(), True, True), (conv[1:2], None, False, True),
+                                    (conv[:5], weather_tools(), False, True)]:
+        want = render(msgs, template=CHAT_TEMPLATE, tools=tools, add_generation_prompt=gen, enable_thinking=think)
+        got = hf_tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen, enable_thinking=think,
+                                               tokenize=False)
         assert got == want
-        ids = hf_tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen,
-                                               enable_thinking=think, tokenize=True, return_dict=False)
+        ids = hf_tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen, enable_thinking=think,
+                                               tokenize=True, return_dict=False)
         assert list(ids) == hf_tokenizer.encode(want, add_special_tokens=False)
         assert list(ids) == hf_tokenizer.encode(want, add_special_tokens=True)  # BOS only from the template
         assert ids[0] == 2 and list(ids).count(2) == 1
         assert hf_tokenizer.decode(ids, skip_special_tokens=False) == want
 
 
-def test_template_history_is_append_only():
-    conv = weather_conversation()
-    for tools, think in [(weather_tools(), True), (None, False)]:
-        full = _render(conv, tools, enable_thinking=think)
-        full_ids = encode(full)
-        for k in range(len(conv)):
-            plain = _render(conv[: k + 1], tools, enable_thinking=think)
-            assert full.startswith(plain), k
-            if k + 1 < len(conv) and conv[k + 1]["role"] == "assistant":
-                prompt = _render(conv[: k + 1], tools, add_generation_prompt=True, enable_thinking=think)
-                assert full.startswith(prompt), k
-                ids = encode(prompt)  # the prefix also holds in token ids (turn boundaries are specials)
-                assert full_ids[: len(ids)] == ids, k
-    # the strip-thoughts variant drops earlier thoughts, so the history changes between turns
-    prompt = _render(conv[:7], weather_tools(), add_generation_prompt=True, enable_thinking=True,
-                    template=STRIP_THOUGHTS_TEMPLATE)
-    earlier = _render(conv[:6], weather_tools(), enable_thinking=True, template=STRIP_THOUGHTS_TEMPLATE)
-    assert "Need the tool." in earlier and "Need the tool." not in prompt
-    assert not prompt.startswith(earlier)
-    last = _render(conv, weather_tools(), enable_thinking=True, template=STRIP_THOUGHTS_TEMPLATE)
-    assert "<|channel>thought\nPolite close." not in last  # before the last user message
-    assert _render(conv[:8], weather_tools(), enable_thinking=True, template=STRIP_THOUGHTS_TEMPLATE).count("<|channel>") == 1
+def test_template_error_names_the_message() -> None:
+    conv = [USER, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "c1", "content": {"temp": 20}}]
+    with pytest.raises(TokenizationError, match=r"message 2 \(tool\) content is a dict"):
+        render_prompt(conv, template=CHAT_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,37 +173,27 @@ def _model_turn(text: str, nth: int) -> str:
     return text[start:end]
 
 
-def _parse(tokenizer, output: str, tools):  # noqa: ANN001, ANN202
-    return parse_model_text(tokenizer, output, thinking=True, tools=tools)
-
-
-def test_vllm_gemma4_parsers_read_the_rendering_back(hf_tokenizer):
+def test_vllm_gemma4_parsers_read_the_rendering_back(hf_tokenizer) -> None:
     from vllm.reasoning.gemma4_utils import parse_thinking_output
 
     conv = weather_conversation()
-    text = _render(conv, weather_tools(), enable_thinking=True)
-
-    reasoning, content, calls = _parse(hf_tokenizer, _model_turn(text, 0), weather_tools())
-    assert reasoning == conv[2]["reasoning_content"]
-    assert not content
+    # the last exchange with a thought: render up to it (thoughts survive after the last user message)
+    text = render(conv[:6], template=CHAT_TEMPLATE, tools=weather_tools(), enable_thinking=True)
+    reasoning, content, calls = parse_model_text(hf_tokenizer, _model_turn(text, 0), tools=weather_tools())
+    assert reasoning == conv[2]["reasoning_content"] and not content
     assert calls == [("get_weather", CALL_ARGS_1), ("get_weather", CALL_ARGS_2)]
-
-    # continuation after the tool responses (the parser sees what the model generated there)
-    after = text.split("<tool_response|>")[2].split("<turn|>")[0]
-    reasoning, content, calls = _parse(hf_tokenizer, after, weather_tools())
-    assert (reasoning, content, calls) == ("Both known.", "Zürich 12 C; 東京 20 C.", [])
-
-    reasoning, content, calls = _parse(hf_tokenizer, _model_turn(text, 1), weather_tools())
-    assert (reasoning, content, calls) == ("Polite close.", "You're welcome.\n", [])
-    assert parse_thinking_output(_model_turn(text, 1) + "<turn|>") == {
-        "thinking": "Polite close.", "answer": "You're welcome."}
-
-    reasoning, content, calls = _parse(hf_tokenizer, _model_turn(text, 2), weather_tools())
-    assert calls == [("noop", {})]
+    after = text.split("<tool_response|>")[2].split("<turn|>")[0]  # what the model generated after the responses
+    assert parse_model_text(hf_tokenizer, after, tools=weather_tools()) == ("Both known.", "Zürich 12 C; 東京 20 C.", [])
+    last = render(conv[:8], template=CHAT_TEMPLATE, tools=weather_tools(), enable_thinking=True)
+    assert parse_model_text(hf_tokenizer, _model_turn(last, 1), tools=weather_tools()) == (
+        "Polite close.", "You're welcome.", [])
+    assert parse_thinking_output(_model_turn(last, 1) + "<turn|>") == {"thinking": "Polite close.",
+                                                                       "answer": "You're welcome."}
+    full = render(conv, template=CHAT_TEMPLATE, tools=weather_tools(), enable_thinking=True)
+    assert parse_model_text(hf_tokenizer, _model_turn(full, 2), tools=weather_tools())[2] == [("noop", {})]
 
 
-def test_vllm_tool_parser_reads_any_string_argument(hf_tokenizer):
-
+def test_vllm_tool_parser_reads_any_string_argument(hf_tokenizer) -> None:
     tools = [{"type": "function", "function": {"name": "echo", "parameters": {
         "type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}}}}}]
 
@@ -174,7 +204,7 @@ def test_vllm_tool_parser_reads_any_string_argument(hf_tokenizer):
         conv = [{"role": "user", "content": "go"},
                 {"role": "assistant", "content": "",
                  "tool_calls": [{"type": "function", "function": {"name": "echo", "arguments": {"text": text, "n": n}}}]}]
-        out = _model_turn(_render(conv, tools), 0)
-        assert _parse(hf_tokenizer, out, tools)[2] == [("echo", {"text": text, "n": n})]
+        out = _model_turn(render(conv, template=CHAT_TEMPLATE, tools=tools), 0)
+        assert parse_model_text(hf_tokenizer, out, tools=tools)[2] == [("echo", {"text": text, "n": n})]
 
     check()

@@ -74,8 +74,8 @@ DISCOVERY_AGREEMENT = (
 )
 
 # --- stage_tokenization (issue 5): RL sequences must carry exactly what vLLM sampled, in its context -----
-# Live 3-turn rollout on the append-only template: every prompt equals the library's render+tokenize,
-# the rollout collapses into one sequence, and every choice is reproduced token for token.
+# Live plain chat on an append-only template: every prompt equals the library's render+tokenize, the
+# rollout collapses into one sequence, and every choice is reproduced token for token in the packed row.
 TOKENIZATION_LIVE_APPEND_ONLY = (
     Gate("prompt_id_mismatches", "==", 0),
     Gate("sequences", "==", 1),
@@ -84,19 +84,32 @@ TOKENIZATION_LIVE_APPEND_ONLY = (
     Gate("untracked_trained_tokens", "==", 0),
     Gate("max_abs_logprob_diff", "<=", 0.0),
 )
-# The same rollout with the thought-stripping template: prompts still match the library, the collapse
-# splits where history changed (and says so), and every choice is still reproduced exactly.
-TOKENIZATION_LIVE_STRIPPED = (
+# Live tool rollout with thinking on the template under test (which rewrites history): prompts still match
+# the library, the collapse splits where history changed (and names what changed), and the pieces packed
+# with their shared prefix once reproduce every choice, train nothing else and nothing twice.
+TOKENIZATION_LIVE_REWRITING = (
     Gate("prompt_id_mismatches", "==", 0),
     Gate("splits", ">=", 1),
     Gate("choices_reproduced_frac", ">=", 1.0),
     Gate("untracked_trained_tokens", "==", 0),
+    Gate("duplicated_trained_tokens", "==", 0),
+    Gate("tokens_over_shared_minimum", "==", 0),
     Gate("max_abs_logprob_diff", "<=", 0.0),
 )
 # Any training sequences (the sensitivity case: a re-rendered history) must reproduce every choice.
 TOKENIZATION_REPRODUCTION = (
     Gate("choices_reproduced_frac", ">=", 1.0),
     Gate("untracked_trained_tokens", "==", 0),
+)
+# RL rows: a rollout's sequences packed into training rows reproduce every sampled choice (ids, the loss at
+# the position before each sampled token, vLLM's log-prob), train nothing else and nothing twice, and share
+# their common prefix once (no token beyond the one repeated last shared token per extra branch).
+TOKENIZATION_ROWS = (
+    Gate("choices_reproduced_frac", ">=", 1.0),
+    Gate("untracked_trained_tokens", "==", 0),
+    Gate("duplicated_trained_tokens", "==", 0),
+    Gate("max_abs_logprob_diff", "<=", 0.0),
+    Gate("tokens_over_shared_minimum", "==", 0),
 )
 # Property tests: enough generated examples actually ran, and none failed.
 TOKENIZATION_PROPERTY = (

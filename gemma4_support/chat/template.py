@@ -1,14 +1,23 @@
 """Render a chat template exactly as Hugging Face transformers and vLLM do (same Jinja settings and variables).
 
-A Gemma 4 checkpoint brings its template (``chat_template.jinja`` / the tokenizer's ``chat_template``);
-this module renders any such template outside transformers, so RL and SFT tokenization can check their
-ids against the rendering.
+A Gemma 4 checkpoint brings its template (``chat_template.jinja`` / the tokenizer's ``chat_template``).
+`render` renders messages as given; `render_prompt` renders what vLLM renders for a chat request: its message
+preprocessing first (`gemma4_support.serving.wire.template_messages`, content as parts when the template
+iterates over content, a ``developer`` role turned into ``system`` when the template never names it), and a
+continued final message cut the way transformers cuts it. A template that cannot render a conversation raises
+one line naming the first message it fails on.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-__all__ = ["render"]
+from gemma4_support.errors import TokenizationError
+from gemma4_support.serving.wire import template_messages
+
+__all__ = ["content_format", "render", "render_prompt"]
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the message it continues
 
 
 def _environment():  # noqa: ANN202
@@ -27,6 +36,13 @@ def _environment():  # noqa: ANN202
 _COMPILED: dict[str, Any] = {}
 
 
+def _compiled(template: str) -> Any:
+    compiled = _COMPILED.get(template)
+    if compiled is None:
+        compiled = _COMPILED[template] = _environment().from_string(template)
+    return compiled
+
+
 def render(
     messages: list[dict],
     *,
@@ -34,16 +50,119 @@ def render(
     tools: list[dict] | None = None,
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
+    **kwargs: Any,
 ) -> str:
     """Render ``messages`` with ``template`` as ``tokenizer.apply_chat_template(..., tokenize=False)`` does."""
-    compiled = _COMPILED.get(template)
-    if compiled is None:
-        compiled = _COMPILED[template] = _environment().from_string(template)
-    return compiled.render(
-        messages=messages,
-        tools=tools,
-        add_generation_prompt=add_generation_prompt,
-        enable_thinking=enable_thinking,
-        bos_token="<bos>",
-        eos_token="<eos>",
-    )
+    return _compiled(template).render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                      enable_thinking=enable_thinking, bos_token="<bos>", eos_token="<eos>", **kwargs)
+
+
+def _names_content(node: Any) -> bool:
+    """Whether an expression is some ``x['content']`` / ``x.content`` (through filters, tests and slices)."""
+    import jinja2.nodes
+
+    while isinstance(node, (jinja2.nodes.Filter, jinja2.nodes.Test, jinja2.nodes.Getitem, jinja2.nodes.Getattr)):
+        if isinstance(node, jinja2.nodes.Getattr) and node.attr == "content":
+            return True
+        if (isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const)
+                and node.arg.value == "content"):
+            return True
+        node = node.node
+    return False
+
+
+def content_format(template: str) -> Literal["string", "openai"]:
+    """"openai" when the template iterates over a message's ``content`` (it expects a list of content parts, and
+    vLLM then sends every content as parts), else "string" — vLLM's detection rule: a loop over ``x['content']``,
+    or over a macro parameter some call passes ``x['content']`` to."""
+    import jinja2.nodes
+
+    tree = _environment().parse(template)
+    bound: dict[str, set[str]] = {}  # macro name -> its parameters that receive a content expression
+    macros = {m.name: [a.name for a in m.args] for m in tree.find_all(jinja2.nodes.Macro)}
+    for call in tree.find_all(jinja2.nodes.Call):
+        name = getattr(call.node, "name", None)
+        if name in macros:
+            params = macros[name]
+            hits = {params[i] for i, a in enumerate(call.args) if i < len(params) and _names_content(a)}
+            hits |= {k.key for k in call.kwargs if _names_content(k.value)}
+            bound.setdefault(name, set()).update(hits)
+    for macro in tree.find_all(jinja2.nodes.Macro):
+        for loop in macro.find_all(jinja2.nodes.For):
+            if isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name in bound.get(macro.name, ()):
+                return "openai"
+    return "openai" if any(_names_content(loop.iter) for loop in tree.find_all(jinja2.nodes.For)) else "string"
+
+
+def _developer_as_system(messages: list[dict]) -> list[dict]:
+    """vLLM, for a template that never names the developer role: developer -> system, system turns merged first."""
+    if not any(m.get("role") == "developer" for m in messages):
+        return messages
+    system = [m for m in messages if m.get("role") in ("system", "developer")]
+    texts = [m["content"] if isinstance(m["content"], str) else "\n".join(p.get("text", "") for p in m["content"])
+             for m in system]
+    merged = {"role": "system", "content": "\n\n".join(t for t in texts if t)}
+    return [merged, *(m for m in messages if m.get("role") not in ("system", "developer"))]
+
+
+def render_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    template: str,
+    tools: list[dict] | None = None,
+    enable_thinking: bool = False,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The prompt text vLLM renders for a chat request with these messages and template."""
+    msgs = template_messages(messages, content_format(template))
+    if "'developer'" not in template and '"developer"' not in template:
+        msgs = _developer_as_system(msgs)
+    final = None
+    if continue_final_message:
+        final, add_generation_prompt = _tag_final_message(msgs), False
+    options = dict(template=template, tools=tools, add_generation_prompt=add_generation_prompt,
+                   enable_thinking=enable_thinking, **kwargs)
+    try:
+        text = render(msgs, **options)
+    except Exception as exc:  # noqa: BLE001 - a template error, named with the message that causes it
+        raise _render_error(msgs, options, exc) from None
+    if final is None:
+        return text
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0 or final.strip() not in text:
+        raise TokenizationError("the chat template drops the final message that continue_final_message continues",
+                                "continue a message the template renders, or send it without continue_final_message")
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
+def _tag_final_message(msgs: list[dict]) -> str:
+    """Append transformers' continuation tag to the final message's (last) text; returns that text."""
+    content = msgs[-1].get("content")
+    if isinstance(content, str):
+        msgs[-1]["content"] = content + _CONTINUE_TAG
+        return content
+    for part in reversed(content or []):
+        if "text" in part:
+            text = part["text"]
+            part["text"] = text + _CONTINUE_TAG
+            return text
+    raise TokenizationError("continue_final_message is set but the final message has no text to continue",
+                            "give the final message text content")
+
+
+def _render_error(msgs: list[dict], options: dict, exc: Exception) -> TokenizationError:
+    """One line naming the first message the template cannot render, and the template's own words."""
+    bad = len(msgs) - 1
+    for k in range(1, len(msgs) + 1):
+        try:
+            render(msgs[:k], **{**options, "add_generation_prompt": False})
+        except Exception:  # noqa: BLE001
+            bad = k - 1
+            break
+    m = msgs[bad] if msgs else {}
+    construct = ("its tool calls" if m.get("tool_calls") else f"its {type(m.get('content')).__name__} content")
+    return TokenizationError(f"the chat template cannot render message {bad} ({m.get('role')}, {construct}): "
+                             f"{type(exc).__name__}: {str(exc)[:300]}",
+                             "change that message to a form the template renders (see the template's error above)")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-from gemma4_support.errors import ServerError
+from gemma4_support.errors import ServerError, TokenizationError
 
 __all__ = [
     "choice_logprobs",
@@ -115,22 +115,54 @@ def choice_logprobs(choice: Any) -> list[float] | None:
     return None
 
 
-def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Messages as vLLM hands them to the chat template: OpenAI JSON-string tool arguments decoded to dicts."""
+def _text_parts(content: Any, where: str) -> list[dict]:
+    """Content as OpenAI content parts (a string is one text part; None is no part)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, Sequence) and all(isinstance(p, Mapping) for p in content):
+        return [dict(p) for p in content]
+    raise TokenizationError(f"{where} content is a {type(content).__name__}, not a string or a list of content parts",
+                            "send text content as a string (tool results too: serialise a mapping to JSON text)")
+
+
+def _arguments(args: Any, where: str) -> dict:
+    if args is None or args == "":
+        return {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as exc:
+            raise TokenizationError(f"{where} arguments are not valid JSON ({exc.msg})",
+                                    "pass the arguments as a JSON object (a mapping or its JSON text)") from None
+    if not isinstance(args, Mapping):
+        raise TokenizationError(f"{where} arguments are a JSON {type(args).__name__}, not an object",
+                                "pass the arguments as a JSON object (a mapping or its JSON text)")
+    return json.loads(json.dumps(args))
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]], content_format: str = "string") -> list[dict]:
+    """Messages as vLLM hands them to a chat template: ``reasoning_content`` also under ``reasoning``; content as
+    OpenAI text parts (``content_format="openai"``: a template that iterates over content) or one string; tool
+    contents as strings; JSON-string tool arguments decoded. What vLLM would coerce silently is refused instead,
+    naming the message: arguments that are not a JSON object, a tool content that is a mapping."""
     out = []
-    for m in messages:
-        m = json.loads(json.dumps(m))  # deep copy, plain types
-        for call in m.get("tool_calls") or []:
+    for i, raw in enumerate(messages):
+        m = json.loads(json.dumps(raw))  # deep copy, plain types
+        role, where = m.get("role"), f"message {i} ({m.get('role')})"
+        reasoning = m.get("reasoning", m.get("reasoning_content"))
+        if reasoning is not None:
+            m["reasoning"] = m["reasoning_content"] = reasoning
+        parts = _text_parts(m.get("content"), where)
+        texts = [p.get("text", "") for p in parts if p.get("type") == "text"]
+        if role == "tool" and len(texts) == len(parts):
+            m["content"] = "\n".join(texts)
+        else:
+            m["content"] = parts if content_format == "openai" else "\n".join(texts)
+        for k, call in enumerate(m.get("tool_calls") or []):
             fn = call.get("function", call)
-            args = fn.get("arguments")
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args) if args else {}
-                except json.JSONDecodeError:
-                    args = {}
-                fn["arguments"] = args if isinstance(args, dict) else {}
-            elif not args:
-                fn["arguments"] = {}
+            fn["arguments"] = _arguments(fn.get("arguments"), f"{where} tool call {k}")
         if "tool_calls" in m and not m["tool_calls"]:
             m.pop("tool_calls")
         out.append(m)
