@@ -1,7 +1,6 @@
-"""Stage tokenization, RL sequences from vLLM's own ids and SFT labels: collapse properties over synthetic id
-streams (sequences concatenate exactly the ids given, masks and log-probs align token by token, one changed
-earlier token forces a new sequence exactly there), bad choices refused naming them, the client's wire format,
-and SFT assistant-only / last-only labels with over-long conversations refused and counted."""
+"""Stage tokenization, RL sequences from vLLM's own ids: collapse properties over synthetic id streams (sequences
+concatenate exactly the ids given, masks and log-probs align token by token, one changed earlier token forces a
+new sequence exactly there), bad choices refused naming them, and the client's wire format."""
 from __future__ import annotations
 
 import base64
@@ -12,11 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from fixtures.chat_template import CHAT_TEMPLATE, STRIP_THOUGHTS_TEMPLATE
-from fixtures.tokenizer import VOCAB_SIZE, build_tokenizer, decode
+from fixtures.tokenizer import VOCAB_SIZE
 from gemma4_support.errors import ServerError, TokenizationError
 from gemma4_support.rl.collapse import choice_reproduction, collapse_history, collapse_trajectories
-from gemma4_support.rl.sft import sft_tokenize
 from gemma4_support.rl.trajectory import SampledChoice, TrainingSequence, Trajectory
 from gemma4_support.serving.wire import decode_routed_experts, normalize_choice
 from validation import thresholds as T
@@ -24,7 +21,6 @@ from validation.properties import counted_property
 
 pytestmark = pytest.mark.stage_tokenization
 
-SFT = {"tokenizer": build_tokenizer(), "template": CHAT_TEMPLATE}  # the fixtures' tokenizer and template
 
 
 # ---------------------------------------------------------------- collapse properties -------------
@@ -229,50 +225,3 @@ def test_client_normalises_ids_and_decodes_routed_experts():
     np.testing.assert_array_equal(seqs[0].routed_experts, routing)  # covers prompt + completion - 1 tokens
     with pytest.raises(ServerError, match="base64"):
         decode_routed_experts("not base64 npy")
-
-
-# ---------------------------------------------------------------- SFT ------------------------------
-
-def _sft_conv() -> list[dict]:
-    return [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather in Zürich?"},
-        {"role": "assistant", "reasoning_content": "Call the tool.", "content": "Checking.",
-         "tool_calls": [{"id": "c1", "type": "function",
-                         "function": {"name": "get_weather", "arguments": '{"city": "Zürich", "days": [1, 2]}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny ☀"},
-        {"role": "assistant", "content": "Sunny."},
-        {"role": "user", "content": "Thanks"},
-        {"role": "assistant", "content": "You're welcome!"},
-    ]
-
-
-def test_sft_labels_assistant_tokens_only():
-    """All-assistant and last-only labels cover exactly what the model generates (incl. its stop tokens)."""
-    conv = _sft_conv()
-    (ex,), rep = sft_tokenize([conv], max_length=4096, enable_thinking=True, **SFT)
-    trained = decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
-    assert trained == ('<|channel>thought\nCall the tool.<channel|>Checking.<|tool_call>call:get_weather'
-                       '{city:<|"|>Zürich<|"|>,days:[1,2]}<tool_call|><|tool_response>'
-                       "Sunny.<turn|>You're welcome!<turn|>")
-    assert ex.labels == [t if m else -100 for t, m in zip(ex.input_ids, ex.loss_mask)]
-    assert decode(ex.input_ids) == ex.text and rep.kept == 1 and rep.label_tokens == sum(ex.loss_mask)
-    (last,), _ = sft_tokenize([conv], max_length=4096, enable_thinking=True, train_on="last", **SFT)
-    assert decode([t for t, m in zip(last.input_ids, last.loss_mask) if m]) == "You're welcome!<turn|>"
-    with pytest.raises(TokenizationError, match="not append-only at message 2"):
-        sft_tokenize([conv], max_length=4096, enable_thinking=True, tokenizer=build_tokenizer(),
-                     template=STRIP_THOUGHTS_TEMPLATE)
-
-
-def test_sft_refuses_conversations_over_max_length():
-    """Conversations longer than max_length are dropped and counted, the rest kept."""
-    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    long = [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "y"}]
-    limit = len(sft_tokenize([short], max_length=10_000, **SFT)[0][0].input_ids)
-    examples, rep = sft_tokenize([short, long, short], max_length=limit, **SFT)
-    assert [e.conversation_index for e in examples] == [0, 2]
-    assert rep.dropped == 1 and rep.dropped_indices == [1] and rep.dropped_tokens > limit and rep.kept == 2
-    with pytest.raises(TokenizationError, match="no assistant message"):
-        sft_tokenize([[{"role": "user", "content": "hi"}]], max_length=100, **SFT)
-    with pytest.raises(TokenizationError, match="no chat template"):
-        sft_tokenize([short], max_length=100, tokenizer=build_tokenizer())

@@ -18,9 +18,10 @@ for any set of sequences (also ones built another way).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from gemma4_support.chat.traits import history_change
 from gemma4_support.rl.trajectory import (
     ChoiceRef,
     CollapseReport,
@@ -93,8 +94,10 @@ def collapse_history(
     trajectory_index: int = 0,
     history_index: int = 0,
     require_logprobs: bool = True,
+    detokenize: Callable[[list[int]], str] | None = None,
 ) -> tuple[list[TrainingSequence], list[SplitEvent]]:
-    """Collapse one ordered list of choices into training sequences; returns them and the splits."""
+    """Collapse one ordered list of choices into training sequences; returns them and the splits (with
+    `detokenize`, each split also says what text the template removed or rewrote there)."""
     sequences: list[TrainingSequence] = []
     splits: list[SplitEvent] = []
     buf: _Buffer | None = None
@@ -114,8 +117,9 @@ def collapse_history(
             reason = "prompt diverges inside the previous completion (re-tokenized or truncated sampled tokens)"
         else:
             reason = "prompt rewrites earlier context (template changed history)"
+        change = None if detokenize is None else history_change(detokenize(buf.ids), detokenize(list(ch.prompt_token_ids)))
         splits.append(SplitEvent(trajectory_index, history_index, ci, len(buf.ids), len(ch.prompt_token_ids),
-                                 mismatch, reason))
+                                 mismatch, reason, change))
         sequences.append(buf.flush(trajectory_index, history_index))
         buf = _Buffer(ch, ci)
     if buf is not None:
@@ -128,6 +132,7 @@ def collapse_trajectories(
     *,
     vocab_size: int | None = None,
     require_logprobs: bool = True,
+    detokenize: Callable[[list[int]], str] | None = None,
 ) -> tuple[list[TrainingSequence], CollapseReport]:
     """Build training sequences from vLLM's ids for every history of every trajectory, with a report."""
     report = CollapseReport()
@@ -140,7 +145,7 @@ def collapse_trajectories(
                 continue
             report.histories += 1
             seqs, splits = collapse_history(history, vocab_size=vocab_size, trajectory_index=ti,
-                                            history_index=hi, require_logprobs=require_logprobs)
+                                            history_index=hi, require_logprobs=require_logprobs, detokenize=detokenize)
             report.choices += len(history)
             report.splits.extend(splits)
             report.sequences += len(seqs)

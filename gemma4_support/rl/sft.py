@@ -1,15 +1,16 @@
-"""SFT tokenization: messages -> chat template -> ids, with labels on assistant tokens only.
+"""SFT tokenization through any chat template: every assistant message labelled with what the model generates.
 
-The conversation is rendered once with the chat template (no generation prompt) and tokenized with
-offsets. An assistant message's labelled span is what the model would generate for it: from the end
-of the generation prompt before it (``<|turn>model\\n``, or nothing when the model turn is still open
-after a tool response) to the end of its rendering, minus the newline after ``<turn|>``, plus the
-``<|tool_response>`` token that ends a tool-calling message (the model's stop token there). A token
-is labelled when its first character lies in a labelled span. Uses the template's append-only
-property (``render(messages[:k])`` is a prefix of ``render(messages)``); a template that breaks it is
-reported, not silently mislabelled.
+For assistant message k the model saw the prompt ``render_prompt(messages[:k])`` (the generation prompt
+included — on Gemma 4's 26B/31B format with thinking off that is an empty thought channel) and generated its
+turn: the text ``render(messages[:k+1])`` has after the part it shares with that prompt, up to the end of its
+turn (``<turn|>``, or the ``<|tool_response>`` stop after unanswered tool calls; the trailing newline after
+``<turn|>`` is not generated). Because message k is the last model turn of ``messages[:k+1]``, its thought is
+rendered and trained even where a later re-render would drop it.
 
-Conversations longer than ``max_length`` tokens are refused (dropped) and counted in the report.
+Turns are chained into one example while each prompt starts with the previous example's text (an append-only
+stretch); where the template rewrites history — a dropped thought, a generation prompt the history lacks — a
+new example starts and the report says what the template discarded there. A token is labelled when its first
+character lies in a labelled span. Examples longer than ``max_length`` tokens are dropped and counted.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from gemma4_support.chat.template import render
+from gemma4_support.chat.template import render_prompt
+from gemma4_support.chat.traits import characterise, history_change, shared_markup_prefix
 from gemma4_support.errors import TokenizationError
-from gemma4_support.serving.wire import template_messages
 
-__all__ = ["SFTExample", "SFTReport", "sft_tokenize", "assistant_char_spans", "encode_with_offsets"]
+__all__ = ["SFTExample", "SFTReport", "assistant_turns", "encode_with_offsets", "sft_tokenize"]
 
 IGNORE_INDEX = -100
 _TURN_END = "<turn|>"
@@ -30,26 +31,30 @@ _TOOL_RESPONSE = "<|tool_response>"
 
 @dataclass
 class SFTExample:
-    """One tokenized conversation: ids, 0/1 loss mask, labels (ids where trained, -100 elsewhere)."""
+    """One tokenized training example: ids, 0/1 loss mask, labels (ids where trained, -100 elsewhere)."""
 
     input_ids: list[int]
     loss_mask: list[int]
     labels: list[int]
     conversation_index: int
     text: str
+    messages: list[int] = field(default_factory=list)  # the assistant messages it trains
 
 
 @dataclass
 class SFTReport:
-    """Counts of an SFT tokenization run; ``dropped`` conversations exceeded ``max_length``."""
+    """Counts of an SFT tokenization run, and what the template discarded where it rewrote history."""
 
     conversations: int = 0
-    kept: int = 0
+    examples: int = 0
+    trained_turns: int = 0
     dropped: int = 0
     dropped_indices: list[int] = field(default_factory=list)
     dropped_tokens: int = 0
     label_tokens: int = 0
     max_length: int = 0
+    splits: list[dict] = field(default_factory=list)  # conversation, message, where and what the template changed
+    untrainable: list[dict] = field(default_factory=list)  # conversation, message, what was not trained and why
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -65,39 +70,79 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tupl
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def assistant_char_spans(
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    enable_thinking: bool = False,
-    template: str,
-    train_on: Literal["all", "last"] = "all",
-) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the ``[start, end)`` character spans the model generates, per assistant message."""
-    msgs = template_messages(messages)
-    tools = list(tools) if tools else None
-    full = render(msgs, tools=tools, enable_thinking=enable_thinking, template=template)
-    assistant = [k for k, m in enumerate(msgs) if m.get("role") in ("assistant", "model")]
-    if train_on == "last":
-        assistant = assistant[-1:]
-    spans = []
-    for k in assistant:
-        head = render(msgs[:k], tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking,
-                      template=template)
-        upto = render(msgs[: k + 1], tools=tools, enable_thinking=enable_thinking, template=template)
-        if not full.startswith(upto) or not upto.startswith(head):
-            raise TokenizationError(
-                f"the chat template is not append-only at message {k}: rendering messages[:{k + 1}] is not a "
-                "prefix of the full rendering",
-                "use an append-only chat template for SFT labels",
-            )
-        start, end = len(head), len(upto)
-        if upto.endswith(_TURN_END + "\n"):
-            end -= 1
-        elif full.startswith(_TOOL_RESPONSE, end):
-            end += len(_TOOL_RESPONSE)
-        spans.append((start, end))
-    return full, spans
+@dataclass(frozen=True)
+class AssistantTurn:
+    """One assistant message as the model generated it: the prompt it saw, the text it produced, the prompt text
+    the rendered history lacks, and what of the message could not be trained (with why)."""
+
+    message: int
+    prompt: str
+    generated: str
+    prompt_not_in_history: str = ""
+    untrainable: str = ""
+
+
+_REASONING = ("reasoning", "reasoning_content")
+
+
+def _turn(messages: Sequence[Mapping[str, Any]], k: int, options: dict) -> AssistantTurn:
+    prompt = render_prompt(messages[:k], **options)
+    upto = render_prompt(messages[: k + 1], **options, add_generation_prompt=False)
+    cut = shared_markup_prefix(prompt, upto)
+    generated = upto[cut:]
+    if generated.endswith(_TURN_END + "\n"):
+        generated = generated[:-1]
+    if not generated:
+        return AssistantTurn(k, prompt, "", prompt[cut:], "the whole turn (it renders no text of its own)")
+    return AssistantTurn(k, prompt, generated, prompt[cut:])
+
+
+def assistant_turns(messages: Sequence[Mapping[str, Any]], *, template: str, tools: Sequence[Mapping] | None = None,
+                    enable_thinking: bool = False) -> list[AssistantTurn]:
+    """Every assistant message's generation prompt and generated text under `template`.
+
+    The generated text must follow the whole prompt. Prompt text the history lacks is accepted only when it is
+    what the template's plain generation prompt adds (measured by `characterise`, e.g. the closed empty thought
+    of Gemma 4's 26B/31B prompt with thinking off). Otherwise a reasoning the prompt leaves no room for is not
+    trained, and a turn whose prompt opens something its rendering never continues (a thought channel opened
+    after a tool response for a message without reasoning) is not trained at all; `untrainable` says which."""
+    options = dict(template=template, tools=list(tools) if tools else None, enable_thinking=enable_thinking)
+    allowed = {"", characterise(template).generation_prompt_not_in_history["on" if enable_thinking else "off"]}
+    out = []
+    for k, m in enumerate(messages):
+        if m.get("role") not in ("assistant", "model"):
+            continue
+        turn = _turn(messages, k, options)
+        if turn.untrainable:
+            out.append(turn)
+            continue
+        if turn.prompt_not_in_history not in allowed and any(m.get(key) for key in _REASONING):
+            bare = [*messages[:k], {key: v for key, v in m.items() if key not in _REASONING}, *messages[k + 1:]]
+            turn = _turn(bare, k, options)
+            turn = AssistantTurn(k, turn.prompt, turn.generated, turn.prompt_not_in_history,
+                                 f"reasoning (the generation prompt ends with {turn.prompt_not_in_history!r})")
+        if turn.prompt_not_in_history not in allowed:
+            turn = AssistantTurn(k, turn.prompt, "", turn.prompt_not_in_history,
+                                 f"the whole turn (the generation prompt ends with {turn.prompt_not_in_history!r}, "
+                                 "which its rendering never continues)")
+        out.append(turn)
+    return out
+
+
+def _chain(turns: list[AssistantTurn], index: int, report: SFTReport) -> list[tuple[str, list, list]]:
+    """Chain turns into (text, labelled spans, messages) while each prompt extends the text so far."""
+    chains: list[tuple[str, list, list]] = []
+    for turn in turns:
+        start, end = len(turn.prompt), len(turn.prompt) + len(turn.generated)
+        if chains and turn.prompt.startswith(chains[-1][0]):
+            _, spans, msgs = chains[-1]
+            chains[-1] = (turn.prompt + turn.generated, [*spans, (start, end)], [*msgs, turn.message])
+            continue
+        if chains:
+            report.splits.append({"conversation": index, "message": turn.message,
+                                  **history_change(chains[-1][0], turn.prompt)})
+        chains.append((turn.prompt + turn.generated, [(start, end)], [turn.message]))
+    return chains
 
 
 def sft_tokenize(
@@ -110,10 +155,10 @@ def sft_tokenize(
     tools: Sequence[Mapping[str, Any]] | None = None,
     enable_thinking: bool = False,
 ) -> tuple[list[SFTExample], SFTReport]:
-    """Tokenize conversations for SFT with assistant-only labels; drop (and count) those over ``max_length``.
+    """Tokenize conversations for SFT with assistant-only labels; drop (and count) examples over ``max_length``.
 
     A conversation is a list of messages or a dict with ``messages`` and optional ``tools`` /
-    ``enable_thinking``. ``train_on="last"`` labels only the last assistant message. ``tokenizer``: a
+    ``enable_thinking``. ``train_on="last"`` trains only the last assistant message. ``tokenizer``: a
     ``tokenizers.Tokenizer`` or an HF fast tokenizer; ``template`` defaults to the tokenizer's ``chat_template``.
     """
     if train_on not in ("all", "last"):
@@ -128,25 +173,28 @@ def sft_tokenize(
     examples: list[SFTExample] = []
     for idx, conv in enumerate(conversations):
         if isinstance(conv, Mapping):
-            messages = conv["messages"]
-            conv_tools = conv.get("tools", tools)
+            messages, conv_tools = conv["messages"], conv.get("tools", tools)
             thinking = conv.get("enable_thinking", enable_thinking)
         else:
             messages, conv_tools, thinking = conv, tools, enable_thinking
-        if not any(m.get("role") in ("assistant", "model") for m in messages):
+        turns = assistant_turns(messages, template=template, tools=conv_tools, enable_thinking=thinking)
+        if not turns:
             raise TokenizationError(f"conversation {idx} has no assistant message to train on",
                                     "drop it before SFT tokenization or add the assistant reply")
-        text, spans = assistant_char_spans(messages, tools=conv_tools, enable_thinking=thinking,
-                                           template=template, train_on=train_on)
-        ids, offsets = encode_with_offsets(tokenizer, text)
-        if len(ids) > max_length:
-            report.dropped += 1
-            report.dropped_indices.append(idx)
-            report.dropped_tokens += len(ids)
-            continue
-        mask = [1 if any(a <= off[0] < b for a, b in spans) else 0 for off in offsets]
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-        report.kept += 1
-        report.label_tokens += sum(mask)
-        examples.append(SFTExample(ids, mask, labels, idx, text))
+        if train_on == "last":
+            turns = turns[-1:]
+        report.untrainable += [{"conversation": idx, "message": t.message, "what": t.untrainable}
+                               for t in turns if t.untrainable]
+        for text, spans, msgs in _chain([t for t in turns if t.generated], idx, report):
+            ids, offsets = encode_with_offsets(tokenizer, text)
+            if len(ids) > max_length:
+                report.dropped += 1
+                report.dropped_indices.append(idx)
+                report.dropped_tokens += len(ids)
+                continue
+            mask = [1 if any(a <= off[0] < b for a, b in spans) else 0 for off in offsets]
+            examples.append(SFTExample(ids, mask, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], idx, text, msgs))
+            report.examples += 1
+            report.trained_turns += len(msgs)
+            report.label_tokens += sum(mask)
     return examples, report

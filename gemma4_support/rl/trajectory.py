@@ -95,6 +95,7 @@ class SplitEvent:
     prompt_length: int
     first_mismatch: int  # first position where prompt and buffer differ (== prompt_length if the prompt is shorter)
     reason: str
+    change: dict | None = None  # with a detokenizer: the text the prompt removed from (or rewrote in) the buffer
 
 
 @dataclass
