@@ -125,3 +125,16 @@ def test_sft_properties(stage_report) -> None:
     stage_report.check("sft_properties", {"examples": stats["examples"], "failures": stats["failures"]},
                        T.TOKENIZATION_PROPERTY, first_failures=failures, trained_turns=stats["trained_turns"],
                        splits=stats["splits"], untrainable=stats["untrainable"])
+
+
+def test_reasoning_a_template_never_renders_is_reported() -> None:
+    """A template that renders no thought for an answering turn (Google's April 2026 26B/31B version keeps them
+    only on tool-calling turns) would drop the reasoning from the target: it is reported, not silent."""
+    no_thoughts = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                   "{{ m['content'] }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "reasoning": "think hard", "content": "ans"}]
+    (example,), report = sft_tokenize([conv], max_length=999, tokenizer=TOKENIZER, template=no_thoughts,
+                                      enable_thinking=True)
+    assert _trained(example) == "ans<turn|>"
+    assert report.untrainable == [{"conversation": 0, "message": 1,
+                                   "what": "reasoning (the template does not render it for this message)"}]

@@ -71,6 +71,7 @@ class TemplateTraits:
     content_format: str
     generation_prompt_not_in_history: dict[str, str]  # thinking "on"/"off" -> generation-prompt text history lacks
     continuation_prompt_not_in_history: dict[str, str]  # the same after tool responses ("on"/"off", "+content")
+    renders_answer_thought: bool  # the thought of the last model turn (an answer, no tool call) is rendered at all
     drops_past_thoughts: bool  # a model turn's thought is gone once a later user message follows
     keeps_tool_turn_thoughts: bool  # the thought of a tool-calling turn survives the tool response
     append_only: dict[str, bool]  # thinking "on"/"off" -> a two-exchange conversation re-renders append-only
@@ -81,6 +82,8 @@ class TemplateTraits:
                for k, v in self.generation_prompt_not_in_history.items() if v]
         out += [f"after tool responses (thinking {k}) the prompt has {v!r}, which the continued history lacks"
                 for k, v in self.continuation_prompt_not_in_history.items() if v]
+        if not self.renders_answer_thought:
+            out.append("the thought of an answering model turn is never rendered (only tool-calling turns keep one)")
         if self.drops_past_thoughts:
             out.append("thoughts of model turns before the last user message are dropped")
         if not self.keeps_tool_turn_thoughts:
@@ -110,6 +113,8 @@ def characterise(template: str) -> TemplateTraits:
         append_only[label] = not gen_extra[label] and later.startswith(answered)
     user = [{"role": "user", "content": "first question"}]
     thought = {"role": "assistant", "reasoning": _THOUGHT, "content": _ANSWER}
+    renders = _THOUGHT in render_prompt([*user, thought], template=template, enable_thinking=True,
+                                        add_generation_prompt=False)
     dropped = _THOUGHT not in render_prompt([*user, thought, {"role": "user", "content": "again"}],
                                             template=template, enable_thinking=True)
     call = {"role": "assistant", "reasoning": _THOUGHT, "content": "",
@@ -125,4 +130,4 @@ def characterise(template: str) -> TemplateTraits:
                                     tools=[_TOOL], enable_thinking=thinking, add_generation_prompt=False)
             lost = [] if history.startswith(prompt) else history_change(prompt, history)["removed"]
             continuation[label + suffix] = "".join(lost)
-    return TemplateTraits(content_format(template), gen_extra, continuation, dropped, kept, append_only)
+    return TemplateTraits(content_format(template), gen_extra, continuation, renders, dropped, kept, append_only)

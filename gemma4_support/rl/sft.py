@@ -125,6 +125,10 @@ def assistant_turns(messages: Sequence[Mapping[str, Any]], *, template: str, too
             turn = AssistantTurn(k, turn.prompt, "", turn.prompt_not_in_history,
                                  f"the whole turn (the generation prompt ends with {turn.prompt_not_in_history!r}, "
                                  "which its rendering never continues)")
+        reasoning = next((m[key] for key in _REASONING if m.get(key)), "")
+        if turn.generated and not turn.untrainable and reasoning.strip() and reasoning.strip() not in turn.generated:
+            turn = AssistantTurn(k, turn.prompt, turn.generated, turn.prompt_not_in_history,
+                                 "reasoning (the template does not render it for this message)")
         out.append(turn)
     return out
 
