@@ -27,8 +27,8 @@ from gemma4_support.metrics import Gate, logprob_metrics, routing_agreement, ten
 from gemma4_support.model.router_replay import replay_routing
 from gemma4_support.packing import PackedRow, pack
 from validation.thresholds import (
-    HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED, HF_PARITY_GRAD_RESOLVED, HF_PARITY_ROUTER_FP32,
-    ROUTER_TIE_MARGIN, hf_parity_forward_fp32,
+    HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED, HF_PARITY_GRAD_NOISE_FLOOR, HF_PARITY_GRAD_RESOLVED,
+    HF_PARITY_GRAD_SMALL, HF_PARITY_ROUTER_FP32, ROUTER_TIE_MARGIN, hf_parity_forward_fp32,
 )
 
 
@@ -131,32 +131,47 @@ def rel_l2(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def backward_metrics(ref: SideResult, cand: SideResult, truth: SideResult | None = None,
-                     resolved: float | None = None) -> dict[str, object]:
+                     resolved: tuple[float, float] | None = None) -> dict[str, object]:
     """Loss relative difference and per-tensor gradient rel-L2 against HF fp32 (worst tensor named).
 
-    With `truth` (the HF fp64 run, same expert choices) and `resolved`: a tensor whose HF fp32 gradient is more
-    than `resolved` (rel-L2) from the fp64 one is one fp32 cannot resolve; it leaves `max_rel_l2` and is judged
-    against fp64 instead: `unresolved_grad_vs_fp64_ratio` = the largest (Megatron's rel-L2 from fp64) / (HF
-    fp32's), over those tensors (0 when there are none)."""
+    With `truth` (the HF fp64 run, same expert choices) and `resolved` = (rel-L2, size): a tensor fp32 cannot
+    resolve — HF fp32's gradient more than `rel-L2` from the fp64 one, or the fp64 gradient's norm below `size` x
+    the model's largest (a cancellation, or a gradient that is exactly zero) — leaves `max_rel_l2`; those are judged
+    together against fp64 instead (`unresolved_metrics`). Neither test looks at Megatron's gradient."""
     if set(ref.grads) != set(cand.grads):
         raise ValueError(f"gradient names differ between HF and Megatron: {sorted(set(ref.grads) ^ set(cand.grads))[:8]}")
     per = {name: rel_l2(ref.grads[name], cand.grads[name]) for name in sorted(ref.grads)}
     out: dict[str, object] = {"loss_hf": ref.loss, "loss_megatron": cand.loss,
                               "loss_rel_diff": abs(cand.loss - ref.loss) / abs(ref.loss)}
-    unresolved: dict[str, float] = {}
+    unresolved: list[str] = []
     if truth is not None:
         floor = {name: rel_l2(truth.grads[name], ref.grads[name]) for name in per}
-        unresolved = {name: rel_l2(truth.grads[name], cand.grads[name]) / floor[name]
-                      for name in per if floor[name] > resolved}
-        resolvable = [floor[n] for n in per if n not in unresolved]
-        out["hf_fp32_grad_vs_fp64_max_rel_l2"] = max(resolvable, default=0.0)
-        out["unresolved_grad_tensors"] = len(unresolved)
-        out["unresolved_grad_vs_fp64_ratio"] = max(unresolved.values(), default=0.0)
-        out["unresolved_worst"] = max(unresolved, key=unresolved.get) if unresolved else ""
+        norms = {name: truth.grads[name].to(torch.float64).norm().item() for name in per}
+        largest = max(norms.values(), default=0.0)
+        unresolved = [name for name in per if floor[name] > resolved[0] or norms[name] < resolved[1] * largest]
+        out["hf_fp32_grad_vs_fp64_max_rel_l2"] = max((floor[n] for n in per if n not in unresolved), default=0.0)
+        out.update(unresolved_metrics(ref, cand, truth, unresolved, HF_PARITY_GRAD_NOISE_FLOOR * largest))
     gated = {n: v for n, v in per.items() if n not in unresolved}
     worst = max(gated, key=gated.get) if gated else ""
     out.update(max_rel_l2=gated[worst] if gated else 0.0, worst=worst, per_tensor_rel_l2=per)
     return out
+
+
+def unresolved_metrics(ref: SideResult, cand: SideResult, truth: SideResult, names: list[str],
+                       noise: float) -> dict[str, object]:
+    """Megatron's and HF fp32's root-sum-square gradient error from fp64 over `names`, and their ratio, with HF's
+    error floored at `noise` (an error below it counts as zero: HF fp32 is sometimes exactly right on a gradient
+    that is pure rounding noise, which would make any ratio infinite)."""
+    def error(side: SideResult, name: str) -> float:
+        return (side.grads[name].to(torch.float64) - truth.grads[name].to(torch.float64)).norm().item()
+
+    megatron = {name: error(cand, name) for name in names}
+    hf = sum(error(ref, name) ** 2 for name in names) ** 0.5
+    total = sum(e * e for e in megatron.values()) ** 0.5
+    allowed = max(hf, noise)
+    return {"unresolved_grad_tensors": len(names), "unresolved_grad_error_hf": hf, "unresolved_grad_error_megatron": total,
+            "unresolved_grad_vs_fp64_ratio": total / allowed if allowed else (0.0 if total == 0 else float("inf")),
+            "unresolved_worst": max(megatron, key=megatron.get) if megatron else ""}
 
 
 def load_hf_reference(hf_dir: str, depth: int | None = None, *, dtype: torch.dtype = torch.float32,
@@ -327,7 +342,7 @@ def fp32_step(hf32: torch.nn.Module, hf64: torch.nn.Module, model: torch.nn.Modu
     fwd = {**forward_metrics(ref, cand, row, ROUTER_TIE_MARGIN), **fp32_floor_metrics(truth, ref, cand, row)}
     if not backward:
         return fwd, None
-    bwd = backward_metrics(ref, cand, truth, HF_PARITY_GRAD_RESOLVED)
+    bwd = backward_metrics(ref, cand, truth, (HF_PARITY_GRAD_RESOLVED, HF_PARITY_GRAD_SMALL))
     return fwd, bwd
 
 

@@ -222,3 +222,149 @@ def test_truncation_refuses_to_end_on_sliding():
         truncate_config(real_config("26B-A4B"), 3)
     cut = truncate_config(multimodal_wrapper(real_config("26B-A4B")), 6)
     assert load_spec(cut).num_layers == 6 and json.dumps(cut)
+
+
+# ---------------------------------------------------------------- the config search: modelled exactly, or refused
+
+# Fields the library refuses (each changes the math of a model transformers builds), drawn now and then.
+REFUSAL_TRIGGERS = {
+    "attention_bias": {"attention_bias": True},
+    "attention_dropout": {"attention_dropout": 0.25},
+    "hidden_activation": {"hidden_activation": "gelu_new"},
+    "hidden_size_per_layer_input": {"hidden_size_per_layer_input": 8},
+    "num_kv_shared_layers": {"num_kv_shared_layers": 1},
+    "use_bidirectional_attention": {"use_bidirectional_attention": "all"},
+    "per_layer_config": {"per_layer_config": {"0": {"intermediate_size": 32}}},
+}
+ROPES = (
+    None,  # transformers' defaults: default 1e4 sliding, proportional 0.25 / 1e6 full
+    {S: {"rope_type": "default", "rope_theta": 5e4},
+     F: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e5, "factor": 2.0}},
+    {S: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+     F: {"rope_type": "default", "rope_theta": 1e6}},
+)
+
+
+@st.composite
+def search_configs(draw: st.DrawFn) -> tuple[dict, str | None, int]:
+    """(a tiny text config, the refusal trigger planted in it or None, a weight seed). Whether the model is MoE and
+    which refusal trigger (one in three) come from the seed, so they stay balanced over a derandomized run."""
+    import random
+
+    from fixtures.configs import tiny_text_config
+
+    seed = draw(st.integers(0, 2**16))
+    rng = random.Random(seed)
+    layers = draw(st.integers(1, 4))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    divisors = [d for d in (1, 2, 4) if heads % d == 0]
+    config = tiny_text_config(
+        num_hidden_layers=layers, layer_types=draw(st.lists(st.sampled_from([S, F]), min_size=layers, max_size=layers)),
+        num_attention_heads=heads, num_key_value_heads=draw(st.sampled_from(divisors)),
+        head_dim=draw(st.sampled_from([16, 32, 64])), global_head_dim=draw(st.sampled_from([16, 32, 64, 128])),
+        attention_k_eq_v=draw(st.booleans()), num_global_key_value_heads=draw(st.sampled_from([None, *divisors])),
+        sliding_window=draw(st.sampled_from([1, 2, 3, 4, 7, 4096])),
+        final_logit_softcapping=draw(st.sampled_from([None, 30.0, 3.0])), tie_word_embeddings=draw(st.booleans()),
+        hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu", "silu", "relu"])),
+        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-2])), rope_parameters=draw(st.sampled_from(ROPES)),
+        pad_token_id=draw(st.sampled_from([0, 7, None])), use_double_wide_mlp=draw(st.booleans()))
+    if rng.random() < 0.6:
+        experts = draw(st.integers(1, 8))
+        config.update(enable_moe_block=True, num_experts=experts, top_k_experts=draw(st.integers(1, experts)),
+                      moe_intermediate_size=draw(st.sampled_from([16, 32])))
+    trigger = rng.choice(sorted(REFUSAL_TRIGGERS)) if rng.random() < 1 / 3 else None
+    config.update(REFUSAL_TRIGGERS.get(trigger, {}))
+    return config, trigger, seed
+
+
+def one_line_refusal(error: Exception, field: str | None) -> None:
+    """A refusal is a ConfigError of one line with its fix, naming the planted field when there is one."""
+    message = str(error)
+    assert isinstance(error, ConfigError) and "fix:" in message and "\n" not in message, message
+    assert field is None or field in message, f"refusal does not name {field}: {message}"
+
+
+def parity_search_body(stats, break_spec=None):
+    """One example of the search: transformers builds the config with random weights; the library refuses it in one
+    line, or builds Megatron and passes one fp32 parity step (forward, loss, gradients) on a packed row."""
+    import copy
+
+    from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights
+    from gemma4_support.metrics import evaluate
+    from gemma4_support.model.build import build_model
+    from validation.hf_checkpoints import random_hf_model, saved_config
+    from validation.parity import fp32_gates, fp32_step, packed_lengths, random_row
+
+    def body(example: tuple[dict, str | None, int]) -> None:
+        config, trigger, seed = example
+        try:
+            hf = random_hf_model(config, seed)
+        except Exception:  # noqa: BLE001 - transformers cannot build it: the library must refuse it too
+            stats["hf_unbuildable"] += 1
+            with pytest.raises(ConfigError) as info:
+                load_spec({**config, "model_type": "gemma4_text"})
+            one_line_refusal(info.value, trigger)
+            stats["refused"] += 1
+            stats[f"refused:{trigger}"] += 1
+            return
+        try:
+            spec = load_spec(saved_config(hf))
+            model = build_model(break_spec(spec) if break_spec else spec)
+        except ConfigError as error:
+            assert trigger is not None, f"a config without a refusal trigger was refused: {error}"
+            one_line_refusal(error, trigger)
+            stats["refused"] += 1
+            stats[f"refused:{trigger}"] += 1
+            stats["refused_by_megatron_core"] += "megatron-core" in str(error)
+            return
+        assert trigger is None, f"{trigger} was planted but the config was accepted"
+        load_hf_weights(model, TensorDict(dict(hf.state_dict())))
+        tokens = 24 if spec.sliding_window > 8 else max(16, 4 * spec.sliding_window)  # >= 4 windows unless W > row
+        row = random_row(packed_lengths(tokens, spec.sliding_window), spec.vocab_size, seed, pad_id=spec.pad_token_id)
+        fwd, bwd = fp32_step(hf, copy.deepcopy(hf).double(), model, row, backward=True)
+        measured = {k: v for k, v in {**fwd, **bwd}.items() if isinstance(v, (int, float))}
+        failed = [r.describe() for r in evaluate(measured, fp32_gates(fwd, spec.moe is not None, backward=True))
+                  if not r.passed]
+        assert not failed, "; ".join(failed)
+        stats["modelled"] += 1
+        stats["moe"] += spec.moe is not None
+        stats["floor_max"] = max(stats["floor_max"], fwd["hf_fp32_vs_fp64_max_abs_logprob"])
+    return body
+
+
+def test_config_search_is_modelled_exactly_or_refused(stage_report) -> None:
+    """Hypothesis over tiny Gemma 4 configs: each is refused with one line naming the field, or passes one fp32
+    parity step against transformers (the hf_parity gates); counts of both are in the report."""
+    import time
+    from collections import Counter
+
+    from validation.properties import counted_property
+    from validation.thresholds import DISCOVERY_PARITY_SEARCH
+
+    stats: Counter = Counter(modelled=0, refused=0, hf_unbuildable=0, moe=0, floor_max=0.0)
+    start = time.perf_counter()
+    first = counted_property(search_configs(), parity_search_body(stats), stats, max_examples=150)
+    stage_report.check("search/parity_or_refusal", {k: stats[k] for k in ("examples", "failures", "modelled", "refused")},
+                       DISCOVERY_PARITY_SEARCH, first_failures=first, moe_modelled=stats["moe"],
+                       hf_unbuildable=stats["hf_unbuildable"], hf_fp32_vs_fp64_max=stats["floor_max"],
+                       refused_by_field={k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("refused:")},
+                       refused_by_megatron_core=stats["refused_by_megatron_core"],
+                       seconds=round(time.perf_counter() - start, 1))
+
+
+def test_sensitivity_config_search_catches_a_window_off_by_one(stage_report) -> None:
+    """The same search with Megatron's sliding windows one key too wide must fail some modelled example."""
+    from collections import Counter
+
+    from validation.properties import counted_property
+    from validation.thresholds import DISCOVERY_PARITY_SEARCH
+
+    def wider(spec: ModelSpec) -> ModelSpec:
+        layers = tuple(dataclasses.replace(l, window=l.window + 1) if l.window else l for l in spec.layers)
+        return dataclasses.replace(spec, layers=layers)
+
+    stats: Counter = Counter(modelled=0, refused=0, hf_unbuildable=0, moe=0, floor_max=0.0)
+    first = counted_property(search_configs(), parity_search_body(stats, wider), stats, max_examples=10)
+    stage_report.expect_caught("sensitivity/search_window_off_by_one",
+                               {k: stats[k] for k in ("examples", "failures", "modelled", "refused")},
+                               DISCOVERY_PARITY_SEARCH[1:2], first_failures=first)

@@ -20,15 +20,20 @@ HF_PARITY_BACKWARD_FP32 = (
     Gate("loss_rel_diff", "<=", 1e-5),
     Gate("max_rel_l2", "<=", 1e-4),
 )
-# Gradients fp32 cannot resolve: a tensor whose HF fp32 gradient is further than 5e-5 (half the rel-L2 gate) from
-# the fp64 run's leaves the rel-L2 gate, which would compare rounding noise with rounding noise (with
-# top_k_experts = 1 the router's gradient is exactly zero, p / p; with top-1 or one expert, per_expert_scale
-# cancels in post_feedforward_layernorm_2 up to eps: HF fp32 is 0.3-8 % from fp64 there). Such a tensor is judged
-# against fp64 instead: Megatron's rel-L2 from the fp64 gradient <= 10 x HF fp32's. Not 2: noise against noise
-# measured ratios up to 4.4 (median 1.0) over 168 such tensors (8 seeds x top-1 with 1, 4, 8 experts); a gradient
-# that is really wrong there (not ~0) is 100x and more.
+# Gradients fp32 cannot resolve leave the rel-L2 gate, which would compare rounding noise with rounding noise: a
+# tensor whose HF fp32 gradient is further than 5e-5 (half the gate) from the fp64 run's, or whose fp64 gradient is
+# below 1e-4 of the model's largest gradient norm (with top_k_experts = 1 the router's gradient is exactly zero,
+# p / p; with top-1 or one expert, per_expert_scale cancels in post_feedforward_layernorm_2 up to eps: HF fp32 is
+# 0.1-35 % from fp64 there). Which tensors those are depends on HF and fp64 only, never on Megatron. They are
+# judged together against fp64: Megatron's root-sum-square error from the fp64 gradients <= 5 x HF fp32's, where an
+# error below 1e-8 x the largest gradient norm counts as zero (HF fp32 is sometimes exactly right on a noise
+# gradient). Measured: ratio <= 1.33 over 229 search configs and <= 0.98 over 96 top-1 / one-expert runs; per
+# tensor, without the pooling and the floor, up to 53 (the error on a one-element noise gradient is heavy-tailed).
+# A router that renormalises after per_expert_scale (top-1: invisible in the logits) measures 25.
 HF_PARITY_GRAD_RESOLVED = 5e-5
-HF_PARITY_BACKWARD_FP32_UNRESOLVED = (Gate("unresolved_grad_vs_fp64_ratio", "<=", 10.0),)
+HF_PARITY_GRAD_SMALL = 1e-4
+HF_PARITY_GRAD_NOISE_FLOOR = 1e-8
+HF_PARITY_BACKWARD_FP32_UNRESOLVED = (Gate("unresolved_grad_vs_fp64_ratio", "<=", 5.0),)
 
 
 def hf_parity_forward_fp32(hf_fp32_vs_fp64: float) -> tuple[Gate, ...]:
@@ -71,6 +76,16 @@ DISCOVERY_AGREEMENT = (
     Gate("type_mismatches", "==", 0),
     Gate("geometry_mismatches", "==", 0),
     Gate("window_errors", "==", 0),
+)
+# The config search (issue 9): hypothesis draws tiny Gemma 4 text configs (layer patterns, windows, head widths, K=V,
+# routing setups, RoPE, softcap, tying, activations, and fields the library refuses); each is built by transformers
+# with random weights and either refused with one line naming the field, or run through one fp32 parity step
+# (forward, loss, gradients) against the hf_parity gates. No example may fail; enough must be modelled and refused.
+DISCOVERY_PARITY_SEARCH = (
+    Gate("examples", ">=", 140),
+    Gate("failures", "==", 0),
+    Gate("modelled", ">=", 80),
+    Gate("refused", ">=", 25),
 )
 
 # --- stage_tokenization (issue 5): RL sequences must carry exactly what vLLM sampled, in its context -----
