@@ -43,8 +43,16 @@ class Gemma4Experts(SequentialMLP):
         # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
         weights = weights.reshape(-1)[order]
         out, _ = self(hidden[token_of], tokens_per_expert, torch.ones_like(weights))
-        out = out * weights[:, None]
-        return torch.zeros_like(hidden).index_add_(0, token_of, out.to(hidden.dtype))
+        out = (out * weights[:, None]).to(hidden.dtype)
+        # Add the experts' outputs one expert at a time, in expert order, as HF does: within one expert every token id
+        # is unique, so each add rounds once per token in a fixed order (one index_add_ over repeated token ids would
+        # round in another order in bf16, and on CUDA in no fixed order at all: atomics).
+        combined = torch.zeros_like(hidden)
+        counts = tokens_per_expert.tolist()
+        for tokens, chunk in zip(token_of.split(counts), out.split(counts)):
+            if len(tokens):
+                combined.index_add_(0, tokens, chunk)
+        return combined
 
 
 class Gemma4MoE(MegatronModule):

@@ -1,11 +1,16 @@
-"""Stage hf_parity on a GPU: megatron-core Gemma 4 vs HF transformers, fp32 and bf16, at 4096 tokens.
+"""Stage hf_parity on a GPU: megatron-core Gemma 4 vs HF transformers, fp32 and bf16, at 4096 tokens, gated the way
+the suite gates them (relative to HF's own precision).
 
 Cases: the two tiny fixtures (moe, dense) and a random-weight model with the real 26B-A4B layer shapes cut
 to 6 layers (5 sliding + 1 full: hidden 2816, 16 q heads, sliding 8 kv x 256, full 2 kv x 512 with K=V,
 128 experts top-8, expert width 704, dense width 2112, window 1024), vocab cut to --vocab (default 32768)
 to keep the [4096, vocab] float64 metric tensors small. Layouts: one 4096-token sequence and a packed row
-of three documents. fp32: forward gates, loss and every gradient. bf16: Megatron bf16 vs HF bf16 (gated),
-and each against HF fp32 (recorded: the bf16 noise floor).
+of three documents.
+  fp32: HF fp32 (its own routing), then HF fp64 (the same model cast, exactly) and Megatron fp32 with HF fp32's
+        expert choices imposed; max |Δ log-prob| <= max(1e-4, 2 x HF fp32's distance from fp64), KL, routing,
+        loss and every gradient (those fp32 cannot resolve judged against fp64) — `validation.parity.fp32_gates`.
+  bf16: HF bf16 and Megatron bf16, both with the fp32 run's expert choices imposed; Megatron's distance from the
+        HF fp32 reference (mean-abs-%, KL) <= 1.25 x HF bf16's, and <= 10 % / 0.05 — `hf_parity_forward_bf16`.
 
 Runs standalone (no pytest); needs torch, transformers (>= 5.17) and megatron-core (carry its wheel):
   pip install --no-deps .whl/megatron_core-0.16.1-*.whl && python scripts/gpu/hf_parity_gpu.py --out "$OUT"
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -34,11 +38,13 @@ from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights  # noq
 from gemma4_support.metrics import evaluate  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.hf_checkpoints import random_hf_model  # noqa: E402,F401 - also scripts/gpu/flex_vs_dense_gpu.py's
 from validation.parity import (  # noqa: E402
-    SideResult, backward_metrics, forward_metrics, hf_side, load_hf_reference, megatron_side, packed_lengths, random_row,
+    backward_metrics, forward_metrics, fp32_floor_metrics, fp32_gates, hf_side, load_hf_reference,
+    low_precision_metrics, megatron_side, packed_lengths, random_row,
 )
 from validation.thresholds import (  # noqa: E402
-    HF_PARITY_BACKWARD_FP32, HF_PARITY_FORWARD_BF16, HF_PARITY_FORWARD_FP32, HF_PARITY_ROUTER_FP32, ROUTER_TIE_MARGIN,
+    HF_PARITY_GRAD_RESOLVED, HF_PARITY_GRAD_SMALL, ROUTER_TIE_MARGIN, hf_parity_forward_bf16,
 )
 
 
@@ -55,49 +61,6 @@ def cut_26b_config(vocab: int, small: bool) -> dict:
     return cfg
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Random weights far from the init defaults: every learned scale away from 1, peaky routing, O(1) logits."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def normal(t: torch.Tensor, mean: float, std: float) -> None:
-        t.copy_((torch.randn(t.shape, generator=gen) * std + mean).to(t.device, t.dtype))
-
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("embed_tokens.weight"):
-            normal(t, 0.0, 0.1)
-        elif name.endswith("router.proj.weight"):
-            normal(t, 0.0, 1.5)
-        elif name.endswith(("proj.weight", "gate_up_proj", "down_proj")):
-            normal(t, 0.0, 1.0 / math.sqrt(t.shape[-1]))
-        elif name.endswith(("q_norm.weight", "k_norm.weight")):
-            normal(t, 0.5, 0.08)
-        elif name.endswith("model.norm.weight"):
-            normal(t, 2.5, 0.3)
-        elif name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight",
-                            "post_feedforward_layernorm_1.weight", "post_feedforward_layernorm_2.weight")):
-            normal(t, 1.6, 0.2)
-        elif name.endswith(("layernorm.weight", "router.scale")):
-            normal(t, 1.0, 0.15)
-        elif name.endswith("layer_scalar"):
-            t.copy_((torch.rand(t.shape, generator=gen) * 0.6 + 0.7).to(t.device, t.dtype))
-        elif name.endswith("per_expert_scale"):
-            t.copy_((torch.rand(t.shape, generator=gen) + 0.5).to(t.device, t.dtype))
-
-
-def random_hf_model(cfg: dict, seed: int, device: str) -> torch.nn.Module:
-    """HF Gemma4ForCausalLM (eager attention and experts, fp32) with `randomize_` weights."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    config = Gemma4TextConfig.from_dict(cfg)
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    with torch.device(device):
-        model = Gemma4ForCausalLM(config)
-    randomize_(model, seed)
-    return model.train()
-
-
 def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Move a dict of tensors to host memory (frees GPU memory between sides)."""
     return {k: v.detach().to("cpu") for k, v in tensors.items()}
@@ -108,78 +71,87 @@ ATTENTION = "dense"  # --attention: the recorded table (docs/gpu_hf_parity.md) u
 
 def megatron_from(hf_model: torch.nn.Module, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """Build the megatron-core model for the HF model's config and stream its weights in through the table."""
-    cfg = hf_model.config.to_dict()
-    spec = load_spec(cfg)
+    spec = load_spec(hf_model.config.to_dict())
     model = build_model(spec, dtype=dtype, device=device, attention=ATTENTION)
     load_hf_weights(model, TensorDict(dict(hf_model.state_dict())))
     return model
 
 
-def compare(hf_model: torch.nn.Module, batch, dtype: torch.dtype, device: str):
-    """One training step on both sides in `dtype` (Megatron replays HF's routing): (ref, cand, fwd, bwd)."""
+def cast_hf_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the HF model in place the way `from_pretrained(dtype=...)` loads it: parameters and buffers in `dtype`,
+    the rotary inverse frequencies kept in fp32 (a plain `.to(torch.bfloat16)` would round them to bf16 and give HF
+    bf16 a RoPE no loaded checkpoint has). fp32 -> fp64 -> fp32 is exact."""
+    keep = {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, saved in keep.items():
+        owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        setattr(owner, attr, saved.to(torch.float32))
+    return model
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    torch.cuda.empty_cache() if device == "cuda" else None
+
+
+def fp32_case(hf_model: torch.nn.Module, batch, device: str):
+    """One fp32 training step on each side (Megatron replays HF's routing), then the same HF model cast to fp64 (an
+    exact cast) with HF fp32's routing imposed: (ref, forward metrics, backward metrics)."""
     ref = hf_side(hf_model, batch, backward=True)
     ref.grads = to_cpu(ref.grads)
     hf_model.zero_grad(set_to_none=True)
-    model = megatron_from(hf_model, dtype, device)
+    model = megatron_from(hf_model, torch.float32, device)
     cand = megatron_side(model, batch, backward=True, replay=ref.routing)
     cand.grads = to_cpu(cand.grads)
     del model
-    gc.collect()
-    torch.cuda.empty_cache() if device == "cuda" else None
-    bwd = backward_metrics(ref, cand)
+    _free(device)
+    cast_hf_(hf_model, torch.float64)
+    truth = hf_side(hf_model, batch, backward=True, replay=ref.routing)
+    truth.grads = to_cpu(truth.grads)
+    hf_model.zero_grad(set_to_none=True)
+    cast_hf_(hf_model, torch.float32)
+    _free(device)
+    fwd = {**forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN), **fp32_floor_metrics(truth, ref, cand, batch)}
+    bwd = backward_metrics(ref, cand, truth, (HF_PARITY_GRAD_RESOLVED, HF_PARITY_GRAD_SMALL))
     bwd.pop("per_tensor_rel_l2")
-    return ref, cand, forward_metrics(ref, cand, batch, ROUTER_TIE_MARGIN), bwd
+    return ref, fwd, bwd
+
+
+def bf16_case(hf_model: torch.nn.Module, ref, batch, device: str) -> dict[str, float]:
+    """HF bf16 (the same model cast) and Megatron bf16, both with the fp32 run's routing imposed, against `ref`."""
+    with torch.no_grad():
+        hf = hf_side(hf_model, batch, backward=False, replay=ref.routing)
+        model = megatron_from(hf_model, torch.bfloat16, device)
+        cand = megatron_side(model, batch, backward=False, replay=ref.routing)
+    del model
+    _free(device)
+    return low_precision_metrics(ref, hf, cand, batch, "bf16")
 
 
 def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str], seed: int, device: str) -> list[dict]:
     """fp32 then bf16 for every layout of one model; rows for the table."""
     spec = load_spec(hf_model.config.to_dict())
-    rows = []
+    rows, refs = [], {}
     batches = {lay: random_row((seq,) if lay == "single" else packed_lengths(seq, spec.sliding_window),
                                spec.vocab_size, seed, pad_id=spec.pad_token_id).to(device) for lay in layouts}
-    fp32_logits = {}
-    fp32_gates = HF_PARITY_FORWARD_FP32 + HF_PARITY_BACKWARD_FP32 + (HF_PARITY_ROUTER_FP32 if spec.moe else ())
     for layout, batch in batches.items():  # ---- fp32
         t0 = time.time()
-        ref, cand, fwd, bwd = compare(hf_model, batch, torch.float32, device)
-        row = _row(name, "fp32", layout, batch, fwd, bwd, fp32_gates, time.time() - t0)
-        hf_model.to(torch.float64)  # fp32 -> fp64 -> fp32 is exact: the fp64 run is the rounding-free truth
-        truth = hf_side(hf_model, batch, backward=False).logits
-        hf_model.to(torch.float32)
-        row["vs_hf_fp64"] = _floor(truth, ref, cand, batch, device)
-        rows.append(row)
-        fp32_logits[layout] = ref.logits.to("cpu")
-        del ref, cand, truth
-    hf_model.to(torch.bfloat16)
+        ref, fwd, bwd = fp32_case(hf_model, batch, device)
+        rows.append(_row(name, "fp32", layout, batch, {**fwd, **bwd}, fp32_gates(fwd, spec.moe is not None, True), t0))
+        ref.grads = None
+        refs[layout] = ref
+    cast_hf_(hf_model, torch.bfloat16)
     for layout, batch in batches.items():  # ---- bf16
         t0 = time.time()
-        ref, cand, fwd, bwd = compare(hf_model, batch, torch.bfloat16, device)
-        floor_ref = forward_metrics(_logits(fp32_logits[layout], device), ref, batch)
-        floor_cand = forward_metrics(_logits(fp32_logits[layout], device), cand, batch)
-        row = _row(name, "bf16", layout, batch, fwd, bwd, HF_PARITY_FORWARD_BF16, time.time() - t0)
-        row["vs_hf_fp32"] = {"hf_bf16_mean_abs_pct": floor_ref["logprob_mean_abs_pct"],
-                             "megatron_bf16_mean_abs_pct": floor_cand["logprob_mean_abs_pct"],
-                             "hf_bf16_mean_kl": floor_ref["mean_kl"], "megatron_bf16_mean_kl": floor_cand["mean_kl"]}
-        rows.append(row)
-        del ref, cand
+        m = bf16_case(hf_model, refs.pop(layout), batch, device)
+        rows.append(_row(name, "bf16", layout, batch, m, hf_parity_forward_bf16(
+            m["hf_bf16_vs_fp32_mean_abs_pct"], m["hf_bf16_vs_fp32_mean_kl"]), t0))
     return rows
 
 
-def _floor(truth: torch.Tensor, ref, cand, batch, device: str) -> dict:
-    """How far HF fp32 and Megatron fp32 each are from the fp64 truth: the fp32 rounding floor at this size."""
-    t = _logits(truth, device)
-    hf, meg = forward_metrics(t, ref, batch), forward_metrics(t, cand, batch)
-    return {"hf_fp32_max_abs_logprob": hf["max_abs_logprob"], "megatron_fp32_max_abs_logprob": meg["max_abs_logprob"],
-            "hf_fp32_mean_kl": hf["mean_kl"], "megatron_fp32_mean_kl": meg["mean_kl"]}
-
-
-def _logits(logits: torch.Tensor, device: str):
-    return SideResult(logits.to(device))
-
-
-def _row(name, dtype, layout, batch, fwd, bwd, gates, seconds) -> dict:
-    metrics = {**fwd, **bwd}
+def _row(name, dtype, layout, batch, metrics, gates, t0: float) -> dict:
     results = evaluate({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, gates)
+    seconds = time.time() - t0
     print(f"  {name} {dtype} {layout}: {'PASS' if all(r.passed for r in results) else 'FAIL'} ({seconds:.1f} s)", flush=True)
     return {"case": name, "dtype": dtype, "layout": layout, "seq": batch.length,
             "doc_lengths": batch.document_lengths(), "metrics": metrics, "gates": [r.to_dict() for r in results],
@@ -187,20 +159,30 @@ def _row(name, dtype, layout, batch, fwd, bwd, gates, seconds) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The results table."""
-    head = ("| case | dtype | layout | seq | max_abs_logprob | mean_abs_logprob | mean_abs_pct | mean_kl | "
-            "loss_rel_diff | worst grad rel-L2 (tensor) | routing flips (all / decisive) | gates |")
-    lines = [head, "|" + "---|" * 12]
+    """The results tables: fp32 (with the fp64 floor and the gate it sets) and bf16 (each side's distance from fp32)."""
+    fp32 = ["| case | layout | seq | max_abs_logprob | HF fp32 vs fp64 | Megatron fp32 vs fp64 | allowed | mean_kl | "
+            "loss_rel_diff | worst grad rel-L2 (tensor) | unresolved grads (n, ratio) | routing flips (all / decisive) "
+            "| gates |", "|" + "---|" * 13]
+    bf16 = ["| case | layout | seq | HF bf16 vs fp32 mean-abs-% | Megatron bf16 vs fp32 mean-abs-% | HF bf16 KL | "
+            "Megatron bf16 KL | Megatron vs HF bf16 mean-abs-% | gates |", "|" + "---|" * 9]
     for r in rows:
-        m = r["metrics"]
-        route = (f"{m['router_token_mismatch_frac']:.2g} / {m['router_decisive_mismatch_frac']:.2g}"
-                 if "router_token_mismatch_frac" in m else "-")
-        lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['layout']} | {r['seq']} | {m['max_abs_logprob']:.3g} | "
-            f"{m['mean_abs_logprob']:.3g} | {m['logprob_mean_abs_pct']:.3g} | {m['mean_kl']:.3g} | "
-            f"{m['loss_rel_diff']:.3g} | {m['max_rel_l2']:.3g} (`{m['worst']}`) | {route} | "
-            f"{'pass' if r['passed'] else 'FAIL'} |")
-    return "\n".join(lines)
+        m, g = r["metrics"], {x["metric"]: x["threshold"] for x in r["gates"]}
+        verdict = "pass" if r["passed"] else "FAIL"
+        if r["dtype"] == "fp32":
+            route = (f"{m['router_token_mismatch_frac']:.2g} / {m['router_decisive_mismatch_frac']:.2g}"
+                     if "router_token_mismatch_frac" in m else "-")
+            fp32.append(
+                f"| {r['case']} | {r['layout']} | {r['seq']} | {m['max_abs_logprob']:.3g} | "
+                f"{m['hf_fp32_vs_fp64_max_abs_logprob']:.3g} | {m['megatron_fp32_vs_fp64_max_abs_logprob']:.3g} | "
+                f"{g['max_abs_logprob']:.3g} | {m['mean_kl']:.3g} | {m['loss_rel_diff']:.3g} | {m['max_rel_l2']:.3g} "
+                f"(`{m['worst']}`) | {m['unresolved_grad_tensors']}, {m['unresolved_grad_vs_fp64_ratio']:.3g} | {route} | "
+                f"{verdict} |")
+        else:
+            bf16.append(
+                f"| {r['case']} | {r['layout']} | {r['seq']} | {m['hf_bf16_vs_fp32_mean_abs_pct']:.3g} | "
+                f"{m['megatron_bf16_vs_fp32_mean_abs_pct']:.3g} | {m['hf_bf16_vs_fp32_mean_kl']:.3g} | "
+                f"{m['megatron_bf16_vs_fp32_mean_kl']:.3g} | {m['megatron_vs_hf_bf16_mean_abs_pct']:.3g} | {verdict} |")
+    return "\n".join(fp32) + "\n\n" + "\n".join(bf16)
 
 
 def main() -> int:
