@@ -232,7 +232,8 @@ class RoutingCapture:
             if len(output) == 3:  # HF: (probs, weights, indices)
                 probs, weights, indices = output
             else:  # Megatron: (weights, indices used); its own top-k choice is kept apart (differs under replay)
-                (weights, _), probs, indices = output, None, module.last_choice
+                (weights, used), probs, indices = output, None, module.last_choice
+                weights = aligned_weights(weights, used, indices)
             k = indices.shape[-1]
             self.calls.setdefault(index, []).append((
                 weights.detach().float().reshape(-1, k), indices.detach().reshape(-1, k),
@@ -254,6 +255,14 @@ class RoutingCapture:
     def indices(self) -> dict[int, torch.Tensor]:
         """{layer: expert indices [T, k]} — what router replay imposes."""
         return {i: idx for i, (_, idx, _) in self.per_layer().items()}
+
+
+def aligned_weights(weights: torch.Tensor, used: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Routing weights given for the experts `used` (replayed, in the replay's slot order), put in the slot order of
+    the router's own `choice`: wherever the two are the same set, slot j then holds the weight of expert choice[j]
+    (the same set in another order — near-equal probabilities — must not compare one expert's weight with another's)."""
+    by_expert = weights.gather(-1, used.argsort(dim=-1))
+    return by_expert.gather(-1, choice.argsort(dim=-1).argsort(dim=-1))
 
 
 def _routers(model: torch.nn.Module, kinds: tuple[str, ...]) -> list[tuple[int, torch.nn.Module]]:

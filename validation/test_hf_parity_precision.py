@@ -1,7 +1,8 @@
 """Stage hf_parity, the gates relative to HF's own precision, and what they stand on.
 
 * Router replay on the HF side (`HFRoutingReplay`): replaying HF's own choices changes nothing, bit for bit;
-  replaying other choices changes the output; a record that does not fit the run is refused.
+  replaying other choices changes the output; a record that does not fit the run is refused. The routing gate
+  matches weights expert by expert (the same experts in another slot order must pass).
 * bf16 (the GPU test's code path, run here on CPU): Megatron bf16's distance from the HF fp32 reference within 1.25 x
   HF bf16's and under the absolute ceiling; a Megatron that computes RMSNorm in bf16 (Gemma computes it in fp32) fails.
 * Gradients fp32 cannot resolve (top-1 routing) are judged against fp64; a router that renormalises after the
@@ -19,9 +20,11 @@ from gemma4_support.config.spec import load_spec
 from gemma4_support.model import norm as norm_module
 from gemma4_support.model import router as router_module
 from validation.hf_checkpoints import Subject, bf16_step, hf_model, megatron_model, save_random_checkpoint
-from validation.parity import HFRoutingReplay, fp32_step, hf_side
-from validation.test_hf_parity import bf16_gates, subject_for
-from validation.thresholds import HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED
+from validation.parity import (
+    HFRoutingReplay, forward_metrics, fp32_floor_metrics, fp32_gates, fp32_step, hf_side, megatron_side,
+)
+from validation.test_hf_parity import bf16_gates, forward_case, hf_runs, subject_for
+from validation.thresholds import HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED, ROUTER_TIE_MARGIN
 
 pytestmark = pytest.mark.stage_hf_parity
 
@@ -57,6 +60,31 @@ def test_hf_routing_replay_is_exact_and_takes_effect(stage_report, gemma4_seed: 
             hf32(input_ids=row.input_ids[None, :8], use_cache=False)
     stage_report.record("hf_routing_replay", own_replay_bitwise_equal=True, shifted_replay_max_abs_logit_change=moved,
                         fp64_rows_consumed=replay.used)
+
+
+class _SlotsReversed:
+    """A recorded routing with every token's top-k slots in reverse order (the same experts)."""
+
+    def __init__(self, capture) -> None:
+        self.calls = capture.calls
+        self._indices = {layer: idx.flip(-1) for layer, idx in capture.indices().items()}
+
+    def indices(self) -> dict:
+        """{layer: reversed indices [T, k]}."""
+        return self._indices
+
+
+def test_routing_gate_matches_weights_expert_by_expert(stage_report, gemma4_seed: int) -> None:
+    """Replaying HF's choices with each token's slots reversed (the same experts in another order, which near-equal
+    probabilities produce) must leave the routing gates passing: weights are compared expert by expert. Found on the
+    H200 (26B-A4B shapes, 4096 tokens): one token's swapped slots compared two experts' weights (5.5e-3)."""
+    subject = subject_for("fixture-moe", None)
+    row, ref, truth = hf_runs(subject.hf_dir, subject.depth, "packed", gemma4_seed)
+    straight = forward_case(megatron_model(subject), row, ref, truth)
+    cand = megatron_side(megatron_model(subject), row, backward=False, replay=_SlotsReversed(ref.routing))
+    metrics = {**forward_metrics(ref, cand, row, ROUTER_TIE_MARGIN), **fp32_floor_metrics(truth, ref, cand, row)}
+    stage_report.check("routing/slots_reversed_replay", metrics, fp32_gates(metrics, True),
+                       router_weight_max_abs_straight=straight["router_weight_max_abs"], **subject.info(row))
 
 
 @pytest.mark.parametrize("variant", ["moe", "dense"])
