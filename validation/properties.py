@@ -55,3 +55,13 @@ def describe_failure(exc: BaseException, example: object) -> str:
     error = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500] + where
     text = f"{error} — example: {_EXAMPLE_REPR.repr(example)}"
     return text if len(text) <= _TEXT_LIMIT else text[:_TEXT_LIMIT - 1] + "…"
+
+
+def check_property(stage_report: object, case: str, strategy: st.SearchStrategy, body: Callable[[object], None],
+                   stats: Counter, gates: tuple, **info: object) -> None:
+    """Run a counted property and judge its example and failure counts against `gates` in the stage report, with
+    the first failures and every other count `body` kept in `stats`."""
+    first = counted_property(strategy, body, stats)
+    counts = {k: v for k, v in stats.items() if k not in ("examples", "failures")}
+    stage_report.check(case, {"examples": stats["examples"], "failures": stats["failures"]}, gates,
+                       first_failures=first, **counts, **info)

@@ -20,7 +20,7 @@ from gemma4_support.chat.traits import characterise, history_change
 from gemma4_support.errors import TokenizationError
 from gemma4_support.serving.wire import template_messages
 from validation import thresholds as T
-from validation.properties import counted_property
+from validation.properties import check_property
 from validation.vllm_parsers import parse_model_text
 
 pytestmark = pytest.mark.stage_tokenization
@@ -57,10 +57,7 @@ def test_chat_format_roundtrip_and_transformers_render(chat_template: str, stage
         stats["tokens"] += len(ids)
         stats["tool_calls"] += sum(len(m.get("tool_calls") or []) for m in conv["messages"])
 
-    failures = counted_property(conversations(), body, stats)
-    stage_report.check("chat_format_roundtrip", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=failures, tokens=stats["tokens"],
-                       tool_calls=stats["tool_calls"])
+    check_property(stage_report, "chat_format_roundtrip", conversations(), body, stats, T.TOKENIZATION_PROPERTY)
 
 
 # ---------------------------------------------------------------- read back, item by item ----------
@@ -152,9 +149,8 @@ def test_chat_format_reads_back_with_vllm_parsers(chat_template: str, stage_repo
         assert declared == [t["function"]["name"] for t in conv["tools"] or []] and think == conv["enable_thinking"]
         stats["items"] += len(items)
 
-    failures = counted_property(conversations(), body, stats)
-    stage_report.check("chat_format_reads_back_vllm", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=failures, items=stats["items"])
+    check_property(stage_report, "chat_format_reads_back_vllm", conversations(), body, stats,
+                   T.TOKENIZATION_PROPERTY)
 
 
 def test_history_rewrites_are_the_characterised_ones(chat_template: str, stage_report) -> None:
@@ -182,11 +178,8 @@ def test_history_rewrites_are_the_characterised_ones(chat_template: str, stage_r
                 assert not thought or traits.drops_past_thoughts, f"message {k}: a thought dropped unannounced"
                 stats["dropped_thoughts" if thought else "generation_prompt_texts"] += 1
 
-    failures = counted_property(conversations(), body, stats)
-    stage_report.check("history_rewrites_characterised", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=failures, prompts=stats["prompts"],
-                       dropped_thoughts=stats["dropped_thoughts"],
-                       generation_prompt_texts=stats["generation_prompt_texts"], rewrites=traits.rewrites())
+    check_property(stage_report, "history_rewrites_characterised", conversations(), body, stats,
+                   T.TOKENIZATION_PROPERTY, rewrites=traits.rewrites())
 
 
 def test_malformed_conversations_get_one_error_naming_the_message(chat_template: str, stage_report) -> None:
@@ -200,7 +193,4 @@ def test_malformed_conversations_get_one_error_naming_the_message(chat_template:
         assert "\n" not in line and f"message {bad} (" in line, (defect, line)
         stats[defect] += 1
 
-    failures = counted_property(malformed_conversations(), body, stats)
-    stage_report.check("malformed_refused", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=failures,
-                       **{k: v for k, v in stats.items() if k not in ("examples", "failures")})
+    check_property(stage_report, "malformed_refused", malformed_conversations(), body, stats, T.TOKENIZATION_PROPERTY)

@@ -17,7 +17,7 @@ from gemma4_support.rl.collapse import choice_reproduction, collapse_history, co
 from gemma4_support.rl.trajectory import SampledChoice, TrainingSequence, Trajectory
 from gemma4_support.serving.wire import decode_routed_experts, normalize_choice
 from validation import thresholds as T
-from validation.properties import counted_property
+from validation.properties import check_property
 
 pytestmark = pytest.mark.stage_tokenization
 
@@ -99,9 +99,7 @@ def test_collapse_append_only_histories_into_one_sequence(stage_report):
 
     strategy = id_histories().flatmap(
         lambda cs: st.tuples(st.just(cs), st.lists(st.integers(0, 2), min_size=len(cs), max_size=len(cs))))
-    first = counted_property(strategy, body, stats)
-    stage_report.check("collapse_append_only", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=first, choices=stats["choices"], tokens=stats["tokens"])
+    check_property(stage_report, "collapse_append_only", strategy, body, stats, T.TOKENIZATION_PROPERTY)
 
 
 def test_collapse_single_changed_token_forces_new_sequence(stage_report):
@@ -135,9 +133,8 @@ def test_collapse_single_changed_token_forces_new_sequence(stage_report):
         stats["splits"] += len(splits)
         stats["sequences"] += len(seqs)
 
-    first = counted_property(mutated(), body, stats)
-    stage_report.check("collapse_changed_token_splits", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=first, splits=stats["splits"], sequences=stats["sequences"])
+    check_property(stage_report, "collapse_changed_token_splits", mutated(), body, stats,
+                   T.TOKENIZATION_PROPERTY)
 
 
 def test_collapse_report_counts_trajectories_and_histories(stage_report):
@@ -171,12 +168,9 @@ def test_collapse_report_counts_trajectories_and_histories(stage_report):
         rep = choice_reproduction(trajs, seqs)
         assert rep["choices_reproduced_frac"] == 1.0 and rep["untracked_trained_tokens"] == 0
         stats["trajectories"] += report.trajectories
-        stats["collapsed"] += report.collapsed_trajectories
+        stats["collapsed_trajectories"] += report.collapsed_trajectories
 
-    first = counted_property(batches(), body, stats)
-    stage_report.check("collapse_report_counts", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=first, trajectories=stats["trajectories"],
-                       collapsed_trajectories=stats["collapsed"])
+    check_property(stage_report, "collapse_report_counts", batches(), body, stats, T.TOKENIZATION_PROPERTY)
 
 
 def _good(prompt=(2, 5, 6), completion=(7, 8), lps=(-1.0, -2.0)) -> dict:

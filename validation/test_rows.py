@@ -16,7 +16,7 @@ from gemma4_support.rl.collapse import collapse_trajectories
 from gemma4_support.rl.rows import group_by_rollout, pack_sequences, rows_reproduction, tokens_over_shared_minimum
 from gemma4_support.rl.trajectory import SampledChoice, Trajectory
 from validation import thresholds as T
-from validation.properties import counted_property
+from validation.properties import check_property
 
 pytestmark = pytest.mark.stage_tokenization
 
@@ -67,10 +67,7 @@ def test_rows_reproduce_every_choice_with_shared_prefixes(stage_report) -> None:
         stats["splits"] += info["splits"]
         stats["rows"] += info["rows"]
 
-    failures = counted_property(rewriting_rollouts(), body, stats)
-    stage_report.check("rows_properties", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=failures, choices=stats["choices"],
-                       splits=stats["splits"], rows=stats["rows"])
+    check_property(stage_report, "rows_properties", rewriting_rollouts(), body, stats, T.TOKENIZATION_PROPERTY)
 
 
 SPLIT_ROLLOUT = [Trajectory(choices=[SampledChoice((2, 5, 6), (7, 8, 9), (-1.0, -2.0, -3.0)),

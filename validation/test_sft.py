@@ -15,7 +15,7 @@ from gemma4_support.chat.template import render_prompt
 from gemma4_support.errors import TokenizationError
 from gemma4_support.rl.sft import sft_tokenize
 from validation import thresholds as T
-from validation.properties import counted_property
+from validation.properties import check_property
 
 pytestmark = pytest.mark.stage_tokenization
 
@@ -121,10 +121,7 @@ def test_sft_properties(stage_report) -> None:
         if any(m["role"] == "assistant" for m in conv["messages"]):
             _check_conversation(conv, stats)
 
-    failures = counted_property(conversations(), body, stats)
-    stage_report.check("sft_properties", {"examples": stats["examples"], "failures": stats["failures"]},
-                       T.TOKENIZATION_PROPERTY, first_failures=failures, trained_turns=stats["trained_turns"],
-                       splits=stats["splits"], untrainable=stats["untrainable"])
+    check_property(stage_report, "sft_properties", conversations(), body, stats, T.TOKENIZATION_PROPERTY)
 
 
 def test_reasoning_a_template_never_renders_is_reported() -> None:
