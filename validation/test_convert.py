@@ -217,3 +217,37 @@ def test_tensor_parallel_splits_are_exact_and_keep_blocks_whole(variant: str, st
             assert torch.equal(entry.tp.shard(megatron[0], 2, 0), torch.cat([gate[:half], up[:half]]))
             assert not torch.equal(ROWS.shard(megatron[0], 2, 0), torch.cat([gate[:half], up[:half]]))
     stage_report.record(f"convert/{variant}/tensor_parallel_2", tensors_split=split, tensors_refused=refused)
+
+
+TRANSFORMERS_WRITTEN = {
+    "untied_no_k_eq_v": ({"tie_word_embeddings": False, "attention_k_eq_v": False}, None),
+    "single_expert_head_widths": ({"enable_moe_block": True, "num_experts": 1, "top_k_experts": 1,
+                                   "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 2}, None),
+    "wrapper_untied_with_towers": ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                    "moe_intermediate_size": 32},
+                                   {"tie_word_embeddings": False,
+                                    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                                      "patch_size": 4, "position_embedding_size": 64,
+                                                      "pooling_kernel_size": 2}}),
+}
+
+
+@pytest.mark.parametrize("case", list(TRANSFORMERS_WRITTEN))
+def test_transformers_written_checkpoints_round_trip(case: str, tmp_path: Path, stage_report) -> None:
+    """Checkpoints written by transformers' save_pretrained (text, and the multimodal wrapper with a vision tower and
+    an lm_head untied at the wrapper level): every text tensor HF -> Megatron -> HF bit for bit, the tower declared."""
+    from fixtures.configs import tiny_text_config
+    from validation.hf_checkpoints import save_random_checkpoint
+
+    text, wrapper = TRANSFORMERS_WRITTEN[case]
+    save_random_checkpoint(tmp_path, tiny_text_config(**text), 0, wrapper=wrapper)
+    spec = load_spec(tmp_path)
+    source = HFCheckpoint(tmp_path)
+    _, accounting = check_hf(source, spec)
+    back = megatron_to_hf(hf_to_megatron(tmp_path, spec), spec)
+    _assert_bitwise({name: source.get(name) for name in accounting.converted}, back)
+    assert spec.wrapped == (wrapper is not None) and bool(accounting.non_text) == (wrapper is not None)
+    assert ("lm_head.weight" in back) == (not spec.tie_word_embeddings)
+    stage_report.record(f"convert/transformers-written/{case}", accounting=accounting.to_dict())
