@@ -4,7 +4,8 @@
   replaying other choices changes the output; a record that does not fit the run is refused. The routing gate
   matches weights expert by expert (the same experts in another slot order must pass).
 * bf16 (the GPU test's code path, run here on CPU): Megatron bf16's distance from the HF fp32 reference within 1.25 x
-  HF bf16's and under the absolute ceiling; a Megatron that computes RMSNorm in bf16 (Gemma computes it in fp32) fails.
+  HF bf16's and under the absolute ceiling; a Megatron that computes RMSNorm in bf16 (Gemma computes it in fp32) fails
+  the relative gates, one without the embedding scale the ceiling too.
 * Gradients fp32 cannot resolve (top-1 routing) are judged against fp64; a router that renormalises after the
   per-expert scale (which top-1 hides from the logits) fails that gate.
 The fp32 log-prob gate's own sensitivity (sqrt(hidden) rounded to bf16) is in test_hf_parity.py::test_sensitivity."""
@@ -17,6 +18,7 @@ import torch
 
 from fixtures.configs import TINY_MOE, tiny_text_config
 from gemma4_support.config.spec import load_spec
+from gemma4_support.metrics import evaluate
 from gemma4_support.model import norm as norm_module
 from gemma4_support.model import router as router_module
 from validation.hf_checkpoints import Subject, bf16_step, hf_model, megatron_model, save_random_checkpoint
@@ -101,12 +103,37 @@ def _norm_in_bf16(self: norm_module.Gemma4RMSNorm, hidden: torch.Tensor) -> torc
     return out * self.weight if self.with_scale else out
 
 
-def test_sensitivity_bf16_norm_without_fp32(monkeypatch: pytest.MonkeyPatch, stage_report, gemma4_seed: int) -> None:
-    """Megatron's RMSNorm computed in bf16: its distance from fp32 grows past 1.25 x HF bf16's (dense fixture)."""
+def _embedding_scale_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No sqrt(hidden) embedding scale: far beyond bf16 rounding, so the absolute ceiling fails too."""
+    from gemma4_support.model.model import Gemma4Embedding
+
+    original = Gemma4Embedding.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.scale = 1.0
+
+    monkeypatch.setattr(Gemma4Embedding, "__init__", init)
+
+
+BF16_BREAKS = {
+    "norm_without_fp32": lambda mp: mp.setattr(norm_module.Gemma4RMSNorm, "forward", _norm_in_bf16),
+    "embedding_scale_dropped": _embedding_scale_dropped,
+}
+
+
+@pytest.mark.parametrize("variant", list(BF16_BREAKS))
+def test_sensitivity_bf16(variant: str, monkeypatch: pytest.MonkeyPatch, stage_report, gemma4_seed: int) -> None:
+    """Megatron's RMSNorm computed in bf16 (Gemma computes it in fp32): its distance from fp32 grows past 1.25 x HF
+    bf16's (dense fixture). The embedding scale dropped: past the absolute ceiling as well."""
     subject = subject_for("fixture-dense", None)
-    monkeypatch.setattr(norm_module.Gemma4RMSNorm, "forward", _norm_in_bf16)
+    BF16_BREAKS[variant](monkeypatch)
     metrics, row = bf16_step(subject, "packed", gemma4_seed, "cpu")
-    stage_report.expect_caught("sensitivity/bf16_norm_without_fp32", metrics, bf16_gates(metrics), **subject.info(row))
+    gates = bf16_gates(metrics)
+    ceiling = [r.describe() for r in evaluate(metrics, gates[2:]) if not r.passed]
+    stage_report.expect_caught(f"sensitivity/bf16_{variant}", metrics, gates, ceiling_failed=ceiling,
+                               **subject.info(row))
+    assert bool(ceiling) == (variant == "embedding_scale_dropped")  # the ceiling itself can fail
 
 
 def _renormalise_after_scale(logits, top_k, per_expert_scale, replay=None):
