@@ -1,6 +1,8 @@
 """Stage discovery: a Gemma 4 config read into per-layer geometry and layer families, checked against HF
 transformers' own resolution of the same config, on the fixtures, the real 26B-A4B / 31B shapes and
-non-periodic patterns; bad configs give one readable error naming the field."""
+non-periodic patterns; bad configs give one readable error naming the field. A hypothesis search over tiny configs
+(patterns, windows, head widths, K=V, routing, RoPE, softcap, tying, activations, refused fields) builds each in
+transformers with random weights: it is refused in one line naming the field, or passes one fp32 parity step."""
 from __future__ import annotations
 
 import dataclasses
@@ -254,7 +256,6 @@ def search_configs(draw: st.DrawFn) -> tuple[dict, str | None, int]:
     from fixtures.configs import tiny_text_config
 
     seed = draw(st.integers(0, 2**16))
-    rng = random.Random(seed)
     layers = draw(st.integers(1, 4))
     heads = draw(st.sampled_from([1, 2, 4]))
     divisors = [d for d in (1, 2, 4) if heads % d == 0]
@@ -268,6 +269,7 @@ def search_configs(draw: st.DrawFn) -> tuple[dict, str | None, int]:
         hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu", "silu", "relu"])),
         rms_norm_eps=draw(st.sampled_from([1e-6, 1e-2])), rope_parameters=draw(st.sampled_from(ROPES)),
         pad_token_id=draw(st.sampled_from([0, 7, None])), use_double_wide_mlp=draw(st.booleans()))
+    rng = random.Random(f"{seed}:{json.dumps(config, sort_keys=True)}")  # hypothesis' small seeds repeat
     if rng.random() < 0.6:
         experts = draw(st.integers(1, 8))
         config.update(enable_moe_block=True, num_experts=experts, top_k_experts=draw(st.integers(1, experts)),
@@ -344,10 +346,12 @@ def test_config_search_is_modelled_exactly_or_refused(stage_report) -> None:
     stats: Counter = Counter(modelled=0, refused=0, hf_unbuildable=0, moe=0, floor_max=0.0)
     start = time.perf_counter()
     first = counted_property(search_configs(), parity_search_body(stats), stats, max_examples=150)
-    stage_report.check("search/parity_or_refusal", {k: stats[k] for k in ("examples", "failures", "modelled", "refused")},
+    by_field = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("refused:")}
+    counts = {k: stats[k] for k in ("examples", "failures", "modelled", "refused")}
+    stage_report.check("search/parity_or_refusal", {**counts, "refused_fields": len(by_field)},
                        DISCOVERY_PARITY_SEARCH, first_failures=first, moe_modelled=stats["moe"],
                        hf_unbuildable=stats["hf_unbuildable"], hf_fp32_vs_fp64_max=stats["floor_max"],
-                       refused_by_field={k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("refused:")},
+                       refusal_triggers=len(REFUSAL_TRIGGERS), refused_by_field=by_field,
                        refused_by_megatron_core=stats["refused_by_megatron_core"],
                        seconds=round(time.perf_counter() - start, 1))
 

@@ -88,6 +88,7 @@ DISCOVERY_PARITY_SEARCH = (
     Gate("failures", "==", 0),
     Gate("modelled", ">=", 80),
     Gate("refused", ">=", 25),
+    Gate("refused_fields", ">=", 7),  # every field the search plants (test_discovery.REFUSAL_TRIGGERS) was refused
 )
 
 # --- stage_tokenization (issue 5): RL sequences must carry exactly what vLLM sampled, in its context -----
