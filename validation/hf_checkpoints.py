@@ -111,7 +111,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             t.copy_((torch.rand(t.shape, generator=gen) + 0.5).to(t.device, t.dtype))
 
 
-def hf_config(text: Mapping, wrapper: Mapping | None = None):
+def hf_config(text: Mapping, wrapper: Mapping | None = None) -> "transformers.PretrainedConfig":  # noqa: F821
     """transformers' config object for a text config dict (or, with `wrapper` fields, the multimodal Gemma4Config
     around it, e.g. {"vision_config": {...}, "tie_word_embeddings": False})."""
     from transformers import Gemma4Config, Gemma4TextConfig
