@@ -74,11 +74,16 @@ def tensor_diff(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, f
     max_abs = diff.max().item() if diff.numel() else 0.0
     return {
         "max_abs": max_abs,
-        "max_abs_rel": max_abs / ref_abs_max if ref_abs_max > 0 else float(max_abs > 0) * math.inf,
+        "max_abs_rel": max_abs / ref_abs_max if ref_abs_max > 0 else _zero_or_inf(max_abs > 0),
         "mean_abs": diff.mean().item() if diff.numel() else 0.0,
-        "mean_abs_pct": 100.0 * diff.mean().item() / ref_abs_mean if ref_abs_mean > 0 else float(diff.sum() > 0) * math.inf,
-        "rel_l2": diff.norm().item() / ref_norm if ref_norm > 0 else float(diff.sum() > 0) * math.inf,
+        "mean_abs_pct": 100.0 * diff.mean().item() / ref_abs_mean if ref_abs_mean > 0 else _zero_or_inf(diff.sum() > 0),
+        "rel_l2": diff.norm().item() / ref_norm if ref_norm > 0 else _zero_or_inf(diff.sum() > 0),
     }
+
+
+def _zero_or_inf(differs: object) -> float:
+    """A relative error against an all-zero reference: 0 when the candidate is zero too, else infinite."""
+    return math.inf if bool(differs) else 0.0
 
 
 def logprob_metrics(

@@ -6,6 +6,7 @@ writes one JSON per stage, a summary and an HTML page into a fresh run folder un
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     for line in WARNING_FILTERS:
         config.addinivalue_line("filterwarnings", line)
+    # torch.compile's structured trace logs every graph at DEBUG; pytest would replay it under each failure (GPU runs)
+    logging.getLogger("torch.__trace").setLevel(logging.WARNING)
     set_runtime(RuntimeConfig())  # one process, one model replica: tp = cp = ep = 1
     if _is_worker(config):
         config.stash[_RUN_DIR] = Path(config.workerinput["gemma4_run_dir"])
