@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -151,3 +153,20 @@ def save_random_checkpoint(path: str | Path, text: Mapping, seed: int, wrapper: 
 def saved_config(model: torch.nn.Module) -> dict:
     """The config.json transformers' `save_pretrained` would write for `model` (the diff against defaults)."""
     return json.loads(model.config.to_json_string(use_diff=True))
+
+
+def run_stage_on_checkpoint(model_dir: Path, reports: Path) -> dict[str, dict]:
+    """`gemma4-validate run --stages hf_parity --model DIR` (fp32 model cases only) as a user runs it; the records
+    of the stage JSON it wrote, by case, after checking it exited 0, wrote one run, and every gate passed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "validation.cli", "run", "--stages", "hf_parity", "--model", str(model_dir),
+         "--report-dir", str(reports), "--workers", "0", "--", "-k", "model and parity and not fixture and not bf16"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    (run,) = [p for p in reports.iterdir() if p.is_dir()]
+    doc = json.loads((run / "hf_parity.json").read_text())
+    cases = {r["case"]: r for t in doc["tests"] for r in t["records"]}
+    assert {"model/single/forward_fp32", "model/packed/forward_fp32", "model/packed/backward_fp32"} <= set(cases)
+    assert all(r["passed"] for r in cases.values() if r["kind"] == "gate")
+    assert doc["provenance"]["model"]["path"] == str(model_dir)
+    return cases

@@ -27,7 +27,8 @@ from gemma4_support.model import rope as rope_module
 from gemma4_support.model import router as router_module
 from gemma4_support.model.attention import Gemma4Attention
 from gemma4_support.model.build import model_spec
-from validation.hf_checkpoints import LAYOUTS, Subject, bf16_step, hf_model, megatron_model, save_random_checkpoint
+from validation.hf_checkpoints import (LAYOUTS, Subject, bf16_step, hf_model, megatron_model, run_stage_on_checkpoint,
+                                      save_random_checkpoint)
 from validation.parity import (
     backward_metrics, forward_metrics, fp32_floor_metrics, fp32_gates, fp32_step, hf_side, megatron_side,
 )
@@ -301,21 +302,6 @@ def test_router_replay_refuses_bad_choices() -> None:
 def test_cli_runs_the_stage_on_a_transformers_checkpoint(tmp_path: Path, gemma4_seed: int) -> None:
     """`gemma4-validate run --stages hf_parity --model DIR` on a directory saved by transformers writes the stage
     JSON with forward and backward metrics for that model (cut to 3 layers: s, s, f)."""
-    import json
-    import subprocess
-    import sys
-
     model_dir = save_with_transformers(tmp_path / "ckpt", gemma4_seed)
-    reports = tmp_path / "reports"
-    out = subprocess.run(
-        [sys.executable, "-m", "validation.cli", "run", "--stages", "hf_parity", "--model", str(model_dir),
-         "--report-dir", str(reports), "--workers", "0", "--", "-k", "model and parity and not fixture and not bf16"],
-        capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    (run,) = [p for p in reports.iterdir() if p.is_dir()]
-    doc = json.loads((run / "hf_parity.json").read_text())
-    cases = {r["case"]: r for t in doc["tests"] for r in t["records"]}
-    assert {"model/single/forward_fp32", "model/packed/forward_fp32", "model/packed/backward_fp32"} <= set(cases)
-    assert all(r["passed"] for r in cases.values() if r["kind"] == "gate")
+    cases = run_stage_on_checkpoint(model_dir, tmp_path / "reports")
     assert cases["model/packed/forward_fp32"]["info"]["layer_types"] == [SLIDING, SLIDING, FULL]
-    assert doc["provenance"]["model"]["path"] == str(model_dir)

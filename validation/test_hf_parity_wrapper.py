@@ -7,8 +7,6 @@ built from the same text config and loaded through the wrapper's prefixes. fp32 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from gemma4_support.config.families import discover
 from gemma4_support.config.spec import FULL, SLIDING, load_spec
 from gemma4_support.convert.checkpoint import HFCheckpoint, check_hf
 from gemma4_support.model.build import model_spec
-from validation.hf_checkpoints import Subject, hf_model, megatron_model, save_random_checkpoint
+from validation.hf_checkpoints import Subject, hf_model, megatron_model, run_stage_on_checkpoint, save_random_checkpoint
 from validation.parity import fp32_gates, fp32_step, placeholder_token_ids
 from validation.thresholds import HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED
 
@@ -83,16 +81,6 @@ def test_cli_runs_the_stage_on_a_wrapper_checkpoint(tmp_path: Path, gemma4_seed:
     """`gemma4-validate run --stages hf_parity --model DIR` on a transformers-written wrapper checkpoint (with towers)
     runs the forward and backward parity of its text model and passes every gate."""
     wrapper_subject(tmp_path / "ckpt", "with_vision_audio_towers", gemma4_seed)
-    reports = tmp_path / "reports"
-    out = subprocess.run(
-        [sys.executable, "-m", "validation.cli", "run", "--stages", "hf_parity", "--model", str(tmp_path / "ckpt"),
-         "--report-dir", str(reports), "--workers", "0", "--", "-k", "model and parity and not fixture and not bf16"],
-        capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    (run,) = [p for p in reports.iterdir() if p.is_dir()]
-    doc = json.loads((run / "hf_parity.json").read_text())
-    cases = {r["case"]: r for t in doc["tests"] for r in t["records"]}
-    assert {"model/single/forward_fp32", "model/packed/forward_fp32", "model/packed/backward_fp32"} <= set(cases)
-    assert all(r["passed"] for r in cases.values() if r["kind"] == "gate")
+    cases = run_stage_on_checkpoint(tmp_path / "ckpt", tmp_path / "reports")
     info = cases["model/packed/forward_fp32"]["info"]
     assert info["wrapped"] and info["layer_types"] == [S, S, F]
