@@ -9,6 +9,7 @@ one line naming the first message it fails on.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -71,6 +72,7 @@ def _names_content(node: Any) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=64)  # one parse per template: render_prompt asks on every call
 def content_format(template: str) -> Literal["string", "openai"]:
     """"openai" when the template iterates over a message's ``content`` (it expects a list of content parts, and
     vLLM then sends every content as parts), else "string" — vLLM's detection rule: a loop over ``x['content']``,

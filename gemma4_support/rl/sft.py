@@ -14,6 +14,7 @@ character lies in a labelled span. Examples longer than ``max_length`` tokens ar
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -97,6 +98,11 @@ def _turn(messages: Sequence[Mapping[str, Any]], k: int, options: dict) -> Assis
     return AssistantTurn(k, prompt, generated, prompt[cut:])
 
 
+@functools.lru_cache(maxsize=64)  # characterise renders a dozen probes: once per template, not per conversation
+def _generation_prompt_not_in_history(template: str, enable_thinking: bool) -> str:
+    return characterise(template).generation_prompt_not_in_history["on" if enable_thinking else "off"]
+
+
 def assistant_turns(messages: Sequence[Mapping[str, Any]], *, template: str, tools: Sequence[Mapping] | None = None,
                     enable_thinking: bool = False) -> list[AssistantTurn]:
     """Every assistant message's generation prompt and generated text under `template`.
@@ -107,7 +113,7 @@ def assistant_turns(messages: Sequence[Mapping[str, Any]], *, template: str, too
     trained, and a turn whose prompt opens something its rendering never continues (a thought channel opened
     after a tool response for a message without reasoning) is not trained at all; `untrainable` says which."""
     options = dict(template=template, tools=list(tools) if tools else None, enable_thinking=enable_thinking)
-    allowed = {"", characterise(template).generation_prompt_not_in_history["on" if enable_thinking else "off"]}
+    allowed = {"", _generation_prompt_not_in_history(template, enable_thinking)}
     out = []
     for k, m in enumerate(messages):
         if m.get("role") not in ("assistant", "model"):
