@@ -21,7 +21,7 @@ from gemma4_support.errors import PackingError
 from gemma4_support.packing import PackedRow
 from gemma4_support.rl.trajectory import TrainingSequence
 
-__all__ = ["PackedDocument", "group_by_rollout", "pack_sequences", "row_paths", "rows_reproduction",
+__all__ = ["PackedDocument", "group_by_rollout", "pack_sequences", "rows_reproduction",
            "shared_prefix_length", "tokens_over_shared_minimum"]
 
 
@@ -130,19 +130,6 @@ def tokens_over_shared_minimum(groups: Sequence[Sequence[TrainingSequence]], doc
     return packed - sum(_prompt_length(g) + sum(len(s) - _prompt_length(g) for s in g) for g in groups)
 
 
-def row_paths(row: PackedRow) -> list[list[int]]:
-    """Every root-to-leaf path of a row's documents as packed positions: a plain document, or a prompt followed
-    by one of its branches (what one sequence saw)."""
-    seg, br = row.segment_ids().tolist(), row.branches().tolist()
-    paths: list[list[int]] = []
-    for d in sorted(set(seg)):
-        positions = [i for i, s in enumerate(seg) if s == d]
-        prompt = [i for i in positions if br[i] == 0]
-        branches = sorted({br[i] for i in positions} - {0})
-        paths += [prompt + [i for i in positions if br[i] == b] for b in branches] or [prompt]
-    return paths
-
-
 def rows_reproduction(trajectories: Sequence, rows: Sequence[PackedRow], documents: Sequence[PackedDocument], *,
                       logprob_tol: float = 0.0) -> dict[str, float]:
     """How faithfully packed rows reproduce what vLLM sampled: a choice is reproduced when a path of its rollout's
@@ -153,7 +140,8 @@ def rows_reproduction(trajectories: Sequence, rows: Sequence[PackedRow], documen
 
     owner = {(d.row, d.document): {(s.trajectory_index, s.history_index) for s in d.sequences} for d in documents}
     segments = [row.segment_ids().tolist() for row in rows]
-    paths = [(r, p, owner.get((r, segments[r][p[0]]), set())) for r, row in enumerate(rows) for p in row_paths(row)]
+    paths = [(r, p, owner.get((r, segments[r][p[0]]), set())) for r, row in enumerate(rows)
+             for p in (idx.tolist() for idx in row.standalone_sequences())]
     tokens = [row.input_ids.tolist() for row in rows]
     masks = [row.loss_mask.tolist() for row in rows]
     lps = [row.logprobs.tolist() for row in rows]
