@@ -36,17 +36,14 @@ def gemma4_seed(pytestconfig: pytest.Config) -> int:
 def chat_template(pytestconfig: pytest.Config, gemma4_model_dir: Path) -> str:
     """The chat template under test: --gemma4-chat-template FILE, else the model's own (chat_template.jinja or
     tokenizer_config.json), else the fixtures' template."""
-    import json
+    from gemma4_support.chat.template import checkpoint_template
 
     given = pytestconfig.getoption("--gemma4-chat-template")
     if given:
         return Path(given).read_text(encoding="utf-8")
-    own = gemma4_model_dir / "chat_template.jinja"
-    if own.is_file():
-        return own.read_text(encoding="utf-8")
-    config = gemma4_model_dir / "tokenizer_config.json"
-    if config.is_file() and isinstance(json.loads(config.read_text()).get("chat_template"), str):
-        return json.loads(config.read_text())["chat_template"]
+    own = checkpoint_template(gemma4_model_dir)
+    if own is not None:
+        return own
     from fixtures.chat_template import CHAT_TEMPLATE
 
     return CHAT_TEMPLATE

@@ -126,8 +126,7 @@ def forward_metrics(ref: SideResult, cand: SideResult, row: PackedRow, tie_margi
 
 def rel_l2(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Relative L2 of `candidate` against `reference`; 0 for identical tensors (two all-zero gradients included)."""
-    ref, cand = reference.detach().to(torch.float64), candidate.detach().to(torch.float64)
-    return 0.0 if torch.equal(ref, cand) else tensor_diff(ref, cand)["rel_l2"]
+    return tensor_diff(reference, candidate)["rel_l2"]
 
 
 def backward_metrics(ref: SideResult, cand: SideResult, truth: SideResult | None = None,

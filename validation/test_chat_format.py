@@ -194,3 +194,19 @@ def test_malformed_conversations_get_one_error_naming_the_message(chat_template:
         stats[defect] += 1
 
     check_property(stage_report, "malformed_refused", malformed_conversations(), body, stats, T.TOKENIZATION_PROPERTY)
+
+
+def test_checkpoint_template_is_the_one_transformers_reads(tmp_path) -> None:  # noqa: ANN001
+    """`checkpoint_template` finds the template where transformers does: the fixture checkpoint's equals
+    AutoTokenizer's `chat_template`; chat_template.jinja wins over tokenizer_config.json; none gives None."""
+    import json
+
+    from fixtures.factory import fixture_dir
+    from gemma4_support.chat.template import checkpoint_template
+
+    assert checkpoint_template(fixture_dir("moe")) == hf_tokenizer().chat_template
+    assert checkpoint_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "from the config"}))
+    assert checkpoint_template(tmp_path) == "from the config"
+    (tmp_path / "chat_template.jinja").write_text("from the file")
+    assert checkpoint_template(tmp_path) == "from the file"

@@ -10,13 +10,15 @@ one line naming the first message it fails on.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from gemma4_support.errors import TokenizationError
 from gemma4_support.serving.wire import template_messages
 
-__all__ = ["content_format", "render", "render_prompt"]
+__all__ = ["checkpoint_template", "content_format", "render", "render_prompt"]
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the message it continues
 
@@ -35,6 +37,17 @@ def _environment():  # noqa: ANN202
 
 
 _COMPILED: dict[str, Any] = {}
+
+
+def checkpoint_template(model_dir: str | Path) -> str | None:
+    """The chat template a checkpoint directory brings, where transformers reads it: ``chat_template.jinja``, else
+    the ``chat_template`` string of ``tokenizer_config.json``; None when it brings none."""
+    own = Path(model_dir) / "chat_template.jinja"
+    if own.is_file():
+        return own.read_text(encoding="utf-8")
+    config = Path(model_dir) / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def _compiled(template: str) -> Any:
