@@ -45,8 +45,9 @@ class PackingError(Gemma4Error):
     """A packed row's ids (positions, documents, branches) are inconsistent, or cannot be split as asked."""
 
 
-def require_positive_ints(values: Mapping[str, object], error: type[Gemma4Error], what: str) -> None:
+def require_positive_ints(values: Mapping[str, object], error: type[Gemma4Error], what: str,
+                          fix: str = "pass {name} >= 1") -> None:
     """Raise `error` naming the first of `values` that is not a positive integer (booleans are not integers)."""
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise error(f"{what} {name}={value!r} is not a positive integer", f"pass {name} >= 1")
+            raise error(f"{what} {name}={value!r} is not a positive integer", fix.format(name=name))

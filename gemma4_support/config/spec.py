@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma4_support.config.scope import per_layer_overrides, refuse_out_of_scope, require_uniform_per_type
-from gemma4_support.errors import ConfigError, UnsupportedVariantError
+from gemma4_support.errors import ConfigError, UnsupportedVariantError, require_positive_ints
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -150,9 +150,7 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
     missing = [k for k in _REQUIRED if cfg.get(k) is None]
     if missing:
         raise ConfigError(f"config is missing required field(s) {', '.join(missing)}", "add them to config.json")
-    for key in _REQUIRED:
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
-            raise ConfigError(f"config field {key} must be a positive integer, got {cfg[key]!r}", f"fix {key} in config.json")
+    require_positive_ints({key: cfg[key] for key in _REQUIRED}, ConfigError, "config field", "fix {name} in config.json")
 
     n = cfg["num_hidden_layers"]
     layer_types = cfg.get("layer_types")
