@@ -169,3 +169,56 @@ def routing_agreement(
         "router_decisive_mismatch_frac": decisive.to(torch.float64).mean().item(),
         "router_weight_max_abs": (ref_w - cand_w).abs().max().item() if ref_w.numel() else 0.0,
     }
+
+
+def sampled_logprob_metrics(
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    reference_top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    candidate_top: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Agreement of two samplers' log-probs of the same sampled tokens ([N] each; reference = what the sampler
+    used), and of their top-k lists ((ids [N, k], log-probs [N, k]) each) where given.
+
+    mean_abs_pct: 100 · mean |Δ| / mean |reference|; mae, max_abs, p50/p95/p99_abs of |Δ|; mean_exp_abs: mean
+    exp(|Δ|) (NeMo-RL's form). Top-k: top1_match (the most likely token agrees), topk_overlap (shared ids / k),
+    kl_topk_ref_cand and kl_topk_cand_ref: KL in each direction between the two distributions renormalised
+    on the ids both lists hold.
+    """
+    if reference.shape != candidate.shape or reference.dim() != 1:
+        raise ValueError(f"sampled log-probs must be two [N] tensors, got {tuple(reference.shape)} and {tuple(candidate.shape)}")
+    ref, cand = reference.detach().double().cpu(), candidate.detach().double().cpu()
+    diff = (cand - ref).abs()
+    n = diff.numel()
+    q = (lambda p: torch.quantile(diff, p).item()) if n else (lambda p: 0.0)  # noqa: E731
+    out = {
+        "tokens": float(n),
+        "mean_abs_pct": 100.0 * diff.mean().item() / ref.abs().mean().item() if n and ref.abs().sum() > 0 else 0.0,
+        "mae": diff.mean().item() if n else 0.0,
+        "max_abs": diff.max().item() if n else 0.0,
+        "p50_abs": q(0.5), "p95_abs": q(0.95), "p99_abs": q(0.99),
+        "mean_exp_abs": diff.exp().mean().item() if n else 1.0,
+    }
+    if reference_top is None or candidate_top is None:
+        return out
+    r_ids, r_lp = (t.detach().cpu() for t in reference_top)
+    c_ids, c_lp = (t.detach().cpu() for t in candidate_top)
+    if r_ids.shape != c_ids.shape or r_ids.shape[0] != n:
+        raise ValueError(f"top-k lists must be [N, k] for N={n}: {tuple(r_ids.shape)} vs {tuple(c_ids.shape)}")
+    k = r_ids.shape[1]
+    top1 = r_ids.gather(1, r_lp.argmax(1, keepdim=True)) == c_ids.gather(1, c_lp.argmax(1, keepdim=True))
+    shared = r_ids[:, :, None] == c_ids[:, None, :]  # [N, k, k]: reference slot i holds candidate slot j's id
+    in_both = shared.any(2)
+    c_at_r = torch.where(shared, c_lp.double()[:, None, :], torch.zeros(())).sum(2)  # candidate log-prob of each ref id
+    neg = torch.tensor(float("-inf"), dtype=torch.float64)
+    p = torch.log_softmax(torch.where(in_both, r_lp.double(), neg), dim=1)
+    qd = torch.log_softmax(torch.where(in_both, c_at_r, neg), dim=1)
+    terms_pq = torch.where(in_both, p.exp() * (p - qd), torch.zeros(()))
+    terms_qp = torch.where(in_both, qd.exp() * (qd - p), torch.zeros(()))
+    out.update(
+        top1_match=top1.double().mean().item() if n else 1.0,
+        topk_overlap=in_both.double().sum(1).div(k).mean().item() if n else 1.0,
+        kl_topk_ref_cand=terms_pq.sum(1).clamp_min(0).mean().item() if n else 0.0,
+        kl_topk_cand_ref=terms_qp.sum(1).clamp_min(0).mean().item() if n else 0.0,
+    )
+    return out

@@ -4,7 +4,8 @@ A `PackedRow` holds, per token ([L] tensors): position ids (restarting at 0 per 
 (each document one contiguous run), optional branch ids (shared-prefix packing: 0 = a document's prompt,
 k > 0 its k-th completion, whose positions continue from the prompt's end), and where present the token
 ids, the labels (the next token of the same sequence), the loss mask, the sampler's per-token log-probs
-and per-token loss weights. The attention masks, context-parallel planning, the HF parity harness and the
+and per-token loss weights; and where recorded, the MoE expert choices the sampler used for each token
+(`routed_experts` [L, moe_layers, top_k], -1 for a token it never routed). The attention masks, context-parallel planning, the HF parity harness and the
 RL packing all read this one type.
 """
 from __future__ import annotations
@@ -35,9 +36,16 @@ class PackedRow:
     loss_mask: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         present = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        routes = present.pop("routed_experts", None)
+        if routes is not None and (not isinstance(routes, torch.Tensor) or routes.dim() != 3
+                                   or routes.shape[0] != self.position_ids.numel() or routes.is_floating_point()):
+            raise PackingError(f"routed_experts must be an integer [L, moe_layers, top_k] tensor with L = "
+                               f"{self.position_ids.numel()}, got {getattr(routes, 'shape', type(routes).__name__)}",
+                               "give one row of expert ids per token (-1 where none was recorded)")
         for name, t in present.items():
             if not isinstance(t, torch.Tensor) or t.dim() != 1:
                 raise PackingError(f"{name} must be a 1-D tensor (one packed row)", "pass [L] tensors, one entry per token")

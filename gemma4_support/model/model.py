@@ -80,15 +80,24 @@ class Gemma4Model(MegatronModule):
         """input/position/document ids [b, s] -> logits [b, s, vocab] (softcapped). `branch_ids` [b, s] marks
         shared-prefix packing (0 = a document's prompt, k = its k-th completion, which never sees a sibling).
         `masks`: prepared ahead by the backend (default: prepared here, before the layers)."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids, masks, branch_ids)
+        return self.logits(hidden).transpose(0, 1).contiguous()
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
+                      masks: MaskLookup | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [s, b, h] that `logits` turns into the vocabulary (arguments as forward)."""
         if masks is None:
             masks = self.backend.prepare(position_ids, document_ids, self.windows, branch_ids)
         rotary = self.rotary(position_ids)
         hidden = self.embedding(input_ids)
         for layer in self.decoder.layers:
             hidden = layer(hidden, rotary[layer.layer.layer_type], masks.lookup(layer.window))
-        hidden = self.decoder.final_layernorm(hidden)
+        return self.decoder.final_layernorm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., h] (any leading shape) -> softcapped logits [..., vocab] in the model's dtype."""
         weight = self.embedding.word_embeddings.weight if self.spec.tie_word_embeddings else None
         logits, _ = self.output_layer(hidden, weight=weight)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.transpose(0, 1).contiguous()
+        return logits

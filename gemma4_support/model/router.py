@@ -13,12 +13,12 @@ from gemma4_support.model.norm import Gemma4RMSNorm
 
 def route(logits: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor,
           replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] fp32, expert indices [T, k]); `replay` [T, k] imposes the experts."""
+    """Router logits [T, E] -> (weights [T, k] fp32, expert indices [T, k]); `replay` [T, k] imposes the experts
+    (a row of -1: no recorded choice for that token, which routes freely)."""
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-    if replay is None:
-        weights, indices = torch.topk(probs, k=top_k, dim=-1)
-    else:
-        indices = replay
+    weights, indices = torch.topk(probs, k=top_k, dim=-1)
+    if replay is not None:
+        indices = torch.where(replay >= 0, replay, indices)
         weights = probs.gather(-1, indices)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights * per_expert_scale[indices]

@@ -22,7 +22,8 @@ def routers_by_layer(model: torch.nn.Module) -> dict[int, Gemma4Router]:
 
 @contextmanager
 def replay_routing(model: torch.nn.Module, indices: Mapping[int, torch.Tensor], tokens: int) -> Iterator[None]:
-    """Within the block, every MoE layer routes its `tokens` tokens to `indices[layer]` ([tokens, top_k])."""
+    """Within the block, every MoE layer routes its `tokens` tokens to `indices[layer]` ([tokens, top_k]; a row of
+    -1 lets that token route freely: a packed row's pad and last tokens, which vLLM never routed)."""
     routers = routers_by_layer(model)
     missing = sorted(set(routers) - set(indices))
     if missing:
@@ -33,9 +34,12 @@ def replay_routing(model: torch.nn.Module, indices: Mapping[int, torch.Tensor], 
         if got != (tokens, router.top_k):
             raise Gemma4Error(f"router replay for layer {layer} has shape {got}, expected ({tokens}, {router.top_k})",
                               "pass one row of top-k expert ids per token of the packed row")
-        if int(indices[layer].min()) < 0 or int(indices[layer].max()) >= router.per_expert_scale.numel():
-            raise Gemma4Error(f"router replay for layer {layer} names experts outside 0..{router.per_expert_scale.numel() - 1}",
-                              "check that the replayed ids come from the same model")
+        ids = indices[layer]
+        free = ids < 0
+        if int(ids.min()) < -1 or int(ids.max()) >= router.per_expert_scale.numel() or bool((free.any(-1) != free.all(-1)).any()):
+            raise Gemma4Error(f"router replay for layer {layer} names experts outside 0..{router.per_expert_scale.numel() - 1} "
+                              "(or a token mixes recorded experts with -1)",
+                              "check that the replayed ids come from the same model; -1 rows mark tokens without a record")
     try:
         for layer, router in routers.items():
             router.replay = indices[layer].to(router.weight.device, torch.long)
@@ -43,3 +47,20 @@ def replay_routing(model: torch.nn.Module, indices: Mapping[int, torch.Tensor], 
     finally:
         for router in routers.values():
             router.replay = None
+
+
+def recorded_routing(model: torch.nn.Module, routed_experts: torch.Tensor) -> dict[int, torch.Tensor]:
+    """A packed row's recorded routing ([L, moe_layers, top_k], vLLM's layer axis = the MoE layers in order) as the
+    per-layer replay `replay_routing` takes; a layer-count or top-k disagreement raises naming both."""
+    routers = routers_by_layer(model)
+    if routed_experts.dim() != 3:
+        raise Gemma4Error(f"routed_experts has shape {tuple(routed_experts.shape)}, expected [tokens, moe_layers, top_k]",
+                          "pass PackedRow.routed_experts built from vLLM's routed_experts")
+    tokens, layers, top_k = routed_experts.shape
+    want_k = {r.top_k for r in routers.values()}
+    if layers != len(routers) or (routers and {top_k} != want_k):
+        raise Gemma4Error(f"routed_experts records {layers} MoE layers x top-{top_k}; the model has {len(routers)} MoE "
+                          f"layers x top-{sorted(want_k)}",
+                          "replay routes recorded by a server running this model at this depth (vLLM's layer axis "
+                          "counts MoE layers only)")
+    return {layer: routed_experts[:, j] for j, layer in enumerate(sorted(routers))}

@@ -8,20 +8,25 @@ predicts its own next token from it; every other shared token appears once. Labe
 (position p predicts label p): a token sampled by vLLM (loss mask 1 in its `TrainingSequence`) is trained at the
 position before it, with vLLM's log-prob, exactly once. Documents fill rows of `capacity` tokens (default: the
 runtime config's packing capacity) in order, each row padded to the capacity with a pad document (no loss); a
-sequence longer than the capacity is refused naming it.
+sequence longer than the capacity is refused naming it (or, where the caller asks, each of its group's sequences
+is cut to the capacity and packed alone). A GRPO group — several completions of one prompt — is one group
+(`group_by_prompt`). Where every sequence carries the sampler's MoE routing (vLLM's `routed_experts`, covering
+all tokens but the last), the rows carry it per token (`PackedRow.routed_experts`, -1 for pad and last tokens).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from gemma4_support.errors import PackingError
 from gemma4_support.packing import PackedRow
 from gemma4_support.rl.trajectory import TrainingSequence
 
-__all__ = ["PackedDocument", "group_by_rollout", "pack_sequences", "rows_reproduction",
+__all__ = ["PackedDocument", "group_by_prompt", "group_by_rollout", "pack_sequences", "rows_reproduction",
            "shared_prefix_length", "tokens_over_shared_minimum"]
 
 
@@ -42,6 +47,28 @@ def group_by_rollout(sequences: Sequence[TrainingSequence]) -> list[list[Trainin
     return list(groups.values())
 
 
+def group_by_prompt(sequences: Sequence[TrainingSequence]) -> list[list[TrainingSequence]]:
+    """Sequences with identical prompt ids (before their first completion) together: a GRPO group per prompt."""
+    groups: dict[tuple[int, ...], list[TrainingSequence]] = {}
+    for s in sequences:
+        start = s.completion_spans[0][0] if s.completion_spans else len(s.input_ids)
+        groups.setdefault(tuple(s.input_ids[:start]), []).append(s)
+    return list(groups.values())
+
+
+def _routes(s: TrainingSequence) -> np.ndarray | None:
+    """A sequence's routing [len - 1, layers, k], checked against its length."""
+    routed = s.routed_experts
+    if routed is None:
+        return None
+    shape = tuple(getattr(routed, "shape", ()))
+    if len(shape) != 3 or shape[0] != len(s) - 1:
+        raise PackingError(f"routed_experts of trajectory {s.trajectory_index}, history {s.history_index} has shape "
+                           f"{shape}, expected [{len(s) - 1} (tokens - 1), moe_layers, top_k]",
+                           "pass vLLM's routed_experts of the sequence's last choice unchanged")
+    return routed
+
+
 @dataclass
 class PackedDocument:
     """Where a group of sequences went: the row, the document id in it, its prompt length and one branch per sequence."""
@@ -53,11 +80,14 @@ class PackedDocument:
 
 
 def _document(group: Sequence[TrainingSequence]) -> tuple[list, ...]:
-    """(input ids, branch ids, labels, loss mask, logprobs, positions) of one group's document."""
+    """(input ids, branch ids, labels, loss mask, logprobs, positions, routes) of one group's document."""
     prompt = _prompt_length(group)
-    ids, br, pos, labels, mask, lps = [], [], [], [], [], []
+    ids, br, pos, labels, mask, lps, routes = [], [], [], [], [], [], []
+    recorded = {id(s): _routes(s) for s in group}
 
     def add(token: int, branch: int, position: int, nxt: int | None, seqs: Sequence[TrainingSequence], t: int) -> None:
+        r = recorded[id(seqs[0])]  # prompt tokens: the first sequence's routing (the prompt ran once)
+        routes.append(r[t] if r is not None and t < len(r) else None)
         ids.append(token)
         br.append(branch)
         pos.append(position)
@@ -73,12 +103,13 @@ def _document(group: Sequence[TrainingSequence]) -> tuple[list, ...]:
         for t in range(prompt, len(s)):
             nxt = s.input_ids[t + 1] if t + 1 < len(s) else None
             add(s.input_ids[t], k, t, nxt, [s], t)
-    return ids, br, labels, mask, lps, pos
+    return ids, br, labels, mask, lps, pos, routes
 
 
 def pack_sequences(groups: Sequence[Sequence[TrainingSequence]], *, capacity: int | None = None,
-                   pad_token_id: int = 0) -> tuple[list[PackedRow], list[PackedDocument]]:
-    """Pack groups of sequences (each group one shared-prefix document) into rows of `capacity` tokens."""
+                   pad_token_id: int = 0, truncate: bool = False) -> tuple[list[PackedRow], list[PackedDocument]]:
+    """Pack groups of sequences (each group one shared-prefix document) into rows of `capacity` tokens; a group
+    over the capacity is refused, or with `truncate` split into its sequences, each cut to the capacity."""
     if capacity is None:
         from gemma4_support.runtime import get_runtime
 
@@ -86,13 +117,19 @@ def pack_sequences(groups: Sequence[Sequence[TrainingSequence]], *, capacity: in
     rows: list[list[tuple]] = [[]]
     used = [0]
     placed: list[PackedDocument] = []
-    for group in groups:
+    pending = [list(g) for g in groups]
+    while pending:
+        group = pending.pop(0)
         doc = _document(group)
+        if len(doc[0]) > capacity and truncate:
+            pending[:0] = [[_truncated(s, capacity)] for s in group]
+            continue
         if len(doc[0]) > capacity:
             s = group[0]
             raise PackingError(f"the sequences of trajectory {s.trajectory_index}, history {s.history_index} take "
                                f"{len(doc[0])} tokens packed, more than the packing capacity {capacity}",
-                               "raise RuntimeConfig.packing_capacity or shorten the rollout (max_tokens)")
+                               "raise RuntimeConfig.packing_capacity, shorten the rollout (max_tokens) or pack "
+                               "with truncate=True")
         if used[-1] + len(doc[0]) > capacity:
             rows.append([])
             used.append(0)
@@ -103,20 +140,47 @@ def pack_sequences(groups: Sequence[Sequence[TrainingSequence]], *, capacity: in
     return [_row(docs, capacity, pad_token_id) for docs in rows if docs], placed
 
 
+def _truncated(s: TrainingSequence, capacity: int) -> TrainingSequence:
+    """The sequence cut to its first `capacity` tokens (completion spans and routing cut with it)."""
+    if len(s) <= capacity:
+        return s
+    routed = s.routed_experts[: capacity - 1] if s.routed_experts is not None else None
+    spans = [(a, min(b, capacity)) for a, b in s.completion_spans if a < capacity]
+    return dataclasses.replace(s, input_ids=s.input_ids[:capacity], loss_mask=s.loss_mask[:capacity],
+                               logprobs=s.logprobs[:capacity], completion_spans=spans, routed_experts=routed)
+
+
 def _row(docs: list[tuple], capacity: int, pad_token_id: int) -> PackedRow:
-    cols: list[list] = [[], [], [], [], [], [], []]  # ids, branches, labels, mask, logprobs, positions, documents
+    cols: list[list] = [[], [], [], [], [], [], [], []]  # ids, branches, labels, mask, logprobs, positions, routes, docs
     for d, doc in enumerate(docs):
         for col, values in zip(cols, doc):
             col.extend(values)
-        cols[6].extend([d] * len(doc[0]))
+        cols[7].extend([d] * len(doc[0]))
     pad = capacity - len(cols[0])
     if pad:
-        for col, value in zip(cols, (pad_token_id, 0, 0, 0, 0.0, None, len(docs))):
-            col.extend(list(range(pad)) if value is None else [value] * pad)
-    ids, br, labels, mask, lps, pos, doc_ids = cols
+        for col, value in zip(cols, (pad_token_id, 0, 0, 0, 0.0, None, "route", len(docs))):
+            col.extend(list(range(pad)) if value is None else [None if value == "route" else value] * pad)
+    ids, br, labels, mask, lps, pos, routes, doc_ids = cols
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PackedRow(long(pos), long(doc_ids), long(br), long(ids), long(labels), torch.tensor(mask, dtype=torch.bool),
-                     torch.tensor(lps, dtype=torch.float64))  # exactly what the sampler reported
+                     torch.tensor(lps, dtype=torch.float64),  # exactly what the sampler reported
+                     routed_experts=_route_tensor(routes))
+
+
+def _route_tensor(routes: list) -> torch.Tensor | None:
+    """Per-token routing rows as [L, layers, k] (-1 where none), or None when no token has one."""
+    known = [r for r in routes if r is not None]
+    if not known:
+        return None
+    shape = {tuple(np.shape(r)) for r in known}
+    if len(shape) != 1:
+        raise PackingError(f"routed_experts of the packed sequences disagree in [moe_layers, top_k]: {sorted(shape)}",
+                           "pack rollouts of one model only, each with vLLM's routed_experts unchanged")
+    out = torch.full((len(routes), *shape.pop()), -1, dtype=torch.long)
+    for i, r in enumerate(routes):
+        if r is not None:
+            out[i] = torch.as_tensor(np.asarray(r), dtype=torch.long)
+    return out
 
 
 def _prompt_length(group: Sequence[TrainingSequence]) -> int:

@@ -56,6 +56,7 @@ class VLLMClient:
         allowed_token_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        model: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """One chat completion with ``return_token_ids``; each choice carries ``prompt_token_ids`` and ``token_ids``."""
@@ -68,7 +69,7 @@ class VLLMClient:
             vllm_fields.update(continue_final_message=True, add_generation_prompt=False)
         if allowed_token_ids is not None:
             vllm_fields["allowed_token_ids"] = list(allowed_token_ids)
-        args = _request(self.model, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+        args = _request(model or self.model, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
                         skip_special_tokens=skip_special_tokens, vllm_fields=vllm_fields, extra_body=extra_body,
                         messages=list(messages), logprobs=logprobs, top_logprobs=top_logprobs,
                         tools=list(tools) if tools else None, **kwargs)
@@ -93,16 +94,37 @@ class VLLMClient:
         logprobs: int | None = 0,
         skip_special_tokens: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        model: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """One completion (text or token-id prompt) with ``return_token_ids``; ids normalised on each choice."""
-        args = _request(self.model, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+        args = _request(model or self.model, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
                         skip_special_tokens=skip_special_tokens, vllm_fields={}, extra_body=extra_body,
                         prompt=prompt if isinstance(prompt, str) else list(prompt), logprobs=logprobs, **kwargs)
         response = self._call(self.openai.completions.create, **args)
         for choice in response.choices:
             normalize_choice(choice)
         return response
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load (or replace) a LoRA adapter in the running server under `name` (vLLM's runtime LoRA loading)."""
+        import httpx
+
+        for route, body in (("unload_lora_adapter", {"lora_name": name}),
+                            ("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})):
+            try:
+                resp = httpx.post(f"{self.base_url}/v1/{route}", json=body, timeout=120.0)
+            except httpx.HTTPError as exc:
+                raise ServerError(f"cannot reach vLLM at {self.base_url} to {route.replace('_', ' ')}: {exc}",
+                                  "check that the server is running") from None
+            if route.startswith("unload"):
+                continue  # absent before: nothing to unload
+            if resp.status_code == 404:
+                raise ServerError(f"vLLM at {self.base_url} has no /v1/load_lora_adapter route",
+                                  "start it with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+            if resp.status_code != 200:
+                raise ServerError(f"vLLM refused LoRA adapter {name} from {path} ({resp.status_code}): {resp.text[:500]}",
+                                  "check the adapter (module names, rank <= --max-lora-rank) and the server's flags")
 
     def _call(self, fn, **args: Any):  # noqa: ANN001, ANN202
         import openai

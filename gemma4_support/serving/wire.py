@@ -22,6 +22,8 @@ from gemma4_support.errors import ServerError, TokenizationError
 
 __all__ = [
     "choice_logprobs",
+    "choice_top_logprobs",
+    "prompt_logprobs",
     "decode_routed_experts",
     "extra_fields",
     "normalize_choice",
@@ -113,6 +115,51 @@ def choice_logprobs(choice: Any) -> list[float] | None:
     if tokens is not None:  # completions
         return [float(x) for x in tokens]
     return None
+
+
+def _token_id(token: str, where: str) -> int:
+    if not isinstance(token, str) or not token.startswith("token_id:"):
+        raise ServerError(f"{where}: top-logprob token {token!r} is not 'token_id:N'",
+                          "request with return_tokens_as_token_ids=true")
+    return int(token.split(":", 1)[1])
+
+
+def choice_top_logprobs(choice: Any, where: str = "choice") -> list[list[tuple[int, float]]]:
+    """Per sampled token of a chat choice, its top log-probs as (token id, log-prob), most likely first (the request
+    must ask for top_logprobs and return_tokens_as_token_ids)."""
+    lp = choice.get("logprobs") if isinstance(choice, dict) else getattr(choice, "logprobs", None)
+    content = None if lp is None else (lp.get("content") if isinstance(lp, dict) else getattr(lp, "content", None))
+    if content is None:
+        raise ServerError(f"{where} has no logprobs content", "request with logprobs=true and top_logprobs=K")
+    out = []
+    for t, c in enumerate(content):
+        tops = c.get("top_logprobs") if isinstance(c, dict) else getattr(c, "top_logprobs", None)
+        if not tops:
+            raise ServerError(f"{where} token {t} has no top_logprobs", "request with top_logprobs=K (K >= 1)")
+        pairs = [(_token_id(x["token"] if isinstance(x, dict) else x.token, f"{where} token {t}"),
+                  float(x["logprob"] if isinstance(x, dict) else x.logprob)) for x in tops]
+        out.append(sorted(pairs, key=lambda p: -p[1]))
+    return out
+
+
+def prompt_logprobs(choice: Any, ids: Sequence[int], top_k: int, where: str = "choice"
+                    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """vLLM's ``prompt_logprobs`` of a completions choice scored over `ids`: per position (None for the first), the
+    log-prob of the token there and the top-`top_k` (token id, log-prob) by rank."""
+    raw = extra_fields(choice).get("prompt_logprobs") if not isinstance(choice, dict) else choice.get("prompt_logprobs")
+    if raw is None or len(raw) != len(ids):
+        raise ServerError(f"{where} has {'no' if raw is None else len(raw)} prompt_logprobs for {len(ids)} prompt tokens",
+                          "request the completion with prompt_logprobs=K from a vLLM server")
+    out: list = [None]
+    for p in range(1, len(ids)):
+        entry = {int(k): v for k, v in raw[p].items()}
+        if ids[p] not in entry:
+            raise ServerError(f"{where} prompt_logprobs at position {p} lacks the token there ({ids[p]})",
+                              "check that the scored ids are the ones sent")
+        ranked = sorted(((k, float(v["logprob"])) for k, v in entry.items() if v.get("rank", top_k + 1) <= top_k),
+                        key=lambda kv: -kv[1])
+        out.append((float(entry[ids[p]]["logprob"]), ranked[:top_k]))
+    return out
 
 
 def _text_parts(content: Any, where: str) -> list[dict]:

@@ -1,0 +1,248 @@
+"""LoRA on the Megatron Gemma 4 model, named the way PEFT and vLLM name it.
+
+An adapter is one (A [r, in], B [out, r]) pair per HF module (`model.layers.{i}.self_attn.q_proj`,
+`….mlp.gate_proj`, `….experts.{e}.down_proj`, ...); the module's weight moves by `scaling · B @ A` with
+`scaling = alpha / r`. On the Megatron side an adapter pair is attached to the fused linear that holds its HF
+module (q, k[, v] -> `linear_qkv`; gate, up -> `linear_fc1`; per expert likewise) by a forward hook that adds
+`scaling · (x Aᵀ) Bᵀ` of each member, combined into the fused layout by the weight table's own transform
+(`convert.mapping.QKV` / `GATE_UP`), so the delta lands exactly where the table puts the HF rows. On full
+layers with K=V there is no v projection: V is the raw K projection, so the K adapter is the V adapter (one
+tensor, trained once). The adapters live outside the model's state dict (the model still matches the weight
+table); base weights are frozen.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gemma4_support.config.spec import LayerSpec, ModelSpec
+from gemma4_support.convert.mapping import GATE_UP, QKV, Transform, hf_prefix
+from gemma4_support.errors import ConfigError, require_positive_ints
+
+__all__ = ["ATTENTION_TARGETS", "MLP_TARGETS", "LoraAdapters", "LoraConfig", "LoraModule", "attach_lora", "detach_lora",
+           "lora_modules"]
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Rank, alpha, which projections (PEFT `target_modules` names; `experts` adds the routed experts' gate/up/down),
+    and the deterministic init: "zero" (PEFT's: B = 0) or "random" (B ~ N(0, b_std²), for tests)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ATTENTION_TARGETS + MLP_TARGETS
+    experts: bool = True
+    init: str = "zero"
+    b_std: float = 0.05
+    seed: int = 0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        require_positive_ints({"rank": self.rank}, ConfigError, "LoraConfig")
+        unknown = sorted(set(self.target_modules) - set(ATTENTION_TARGETS + MLP_TARGETS))
+        if unknown:
+            raise ConfigError(f"LoraConfig.target_modules has unknown module(s) {unknown}",
+                              f"choose from {ATTENTION_TARGETS + MLP_TARGETS}")
+        if ("k_proj" in self.target_modules) != ("v_proj" in self.target_modules):
+            raise ConfigError("LoraConfig targets one of k_proj / v_proj but not the other",
+                              "target both: on K=V layers the V adapter is the K adapter")
+        if self.init not in ("zero", "random"):
+            raise ConfigError(f"LoraConfig.init is {self.init!r}", 'use "zero" (PEFT default) or "random" (tests)')
+        if self.dropout != 0.0:
+            raise ConfigError(f"LoraConfig.dropout is {self.dropout}", "LoRA dropout is not supported: use 0")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoraConfig.alpha is {self.alpha}", "use a positive alpha (scaling = alpha / rank)")
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B @ A: alpha / rank."""
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adaptable HF module: its PEFT name (without `base_model.model.`), shapes, and where its weight lives in
+    the HF checkpoint (tensor name, expert index or None, row range within the tensor or None)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    layer: LayerSpec
+    hf_tensor: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    alias_of: str | None = None  # K=V layers: v_proj is k_proj (exported again under v_proj, never trained apart)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A Megatron linear and the adapted HF modules whose outputs its output concatenates, in `combine`'s order."""
+
+    megatron: str
+    members: tuple[str, ...]
+    combine: Transform | None
+    layer: LayerSpec
+
+
+def _layer_modules(spec: ModelSpec, layer: LayerSpec, config: LoraConfig) -> tuple[list[LoraModule], list[_Site]]:
+    p = f"{hf_prefix(spec)}layers.{layer.index}."
+    m = f"decoder.layers.{layer.index}."
+    H, d, nq, kv = spec.hidden_size, layer.head_dim, spec.num_attention_heads, layer.num_kv_heads
+    mods: list[LoraModule] = []
+    sites: list[_Site] = []
+
+    def add(name: str, fin: int, fout: int, tensor: str, **kw: object) -> str:
+        mods.append(LoraModule(p + name, fin, fout, layer, p + tensor, **kw))
+        return p + name
+
+    qkv = [("q_proj", nq * d), ("k_proj", kv * d)] + ([] if layer.k_eq_v else [("v_proj", kv * d)])
+    members = tuple(add(f"self_attn.{n}", H, out, f"self_attn.{n}.weight") for n, out in qkv)
+    if layer.k_eq_v:
+        mods.append(LoraModule(p + "self_attn.v_proj", H, kv * d, layer, p + "self_attn.k_proj.weight",
+                               alias_of=p + "self_attn.k_proj"))
+    sites.append(_Site(m + "self_attention.linear_qkv", members, QKV, layer))
+    sites.append(_Site(m + "self_attention.linear_proj", (add("self_attn.o_proj", nq * d, H, "self_attn.o_proj.weight"),),
+                       None, layer))
+    In = spec.intermediate_size
+    gate_up = tuple(add(f"mlp.{n}", H, In, f"mlp.{n}.weight") for n in ("gate_proj", "up_proj"))
+    sites.append(_Site(m + "mlp.linear_fc1", gate_up, GATE_UP, layer))
+    sites.append(_Site(m + "mlp.linear_fc2", (add("mlp.down_proj", In, H, "mlp.down_proj.weight"),), None, layer))
+    if layer.mlp == "moe" and config.experts:
+        Ie = spec.moe.expert_intermediate_size
+        for e in range(spec.moe.num_experts):
+            fused = f"experts.{e}."
+            g = add(fused + "gate_proj", H, Ie, "experts.gate_up_proj", expert=e, rows=(0, Ie))
+            u = add(fused + "up_proj", H, Ie, "experts.gate_up_proj", expert=e, rows=(Ie, 2 * Ie))
+            dn = add(fused + "down_proj", Ie, H, "experts.down_proj", expert=e)
+            sites.append(_Site(f"{m}moe.experts.local_experts.{e}.linear_fc1", (g, u), GATE_UP, layer))
+            sites.append(_Site(f"{m}moe.experts.local_experts.{e}.linear_fc2", (dn,), None, layer))
+    return mods, sites
+
+
+def _chosen(mod: LoraModule, config: LoraConfig) -> bool:
+    return ".experts." in mod.name or mod.name.rsplit(".", 1)[-1] in config.target_modules
+
+
+def lora_modules(spec: ModelSpec, config: LoraConfig) -> list[LoraModule]:
+    """Every HF module `config` adapts in a model of `spec` (K=V layers: v_proj listed as an alias of k_proj)."""
+    return [x for layer in spec.layers for x in _layer_modules(spec, layer, config)[0] if _chosen(x, config)]
+
+
+class LoraAdapters(nn.Module):
+    """The adapter tensors of one model: `lora_A[key]` [r, in], `lora_B[key]` [out, r] per trained HF module (keys are
+    the PEFT names with dots as '/'), plus the config. Aliases (K=V layers' v_proj) hold no tensors."""
+
+    def __init__(self, spec: ModelSpec, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec, self.config = spec, config
+        every = [x for layer in spec.layers for x in _layer_modules(spec, layer, config)[0]]
+        self.widths = {x.name: x.out_features for x in every}
+        self.modules_by_name = {x.name: x for x in every if _chosen(x, config)}
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        gen = torch.Generator().manual_seed(config.seed)
+        for name, mod in self.modules_by_name.items():
+            if mod.alias_of is not None:
+                continue
+            bound = mod.in_features ** -0.5  # PEFT's kaiming_uniform(a=sqrt(5)) bound for A
+            a = (torch.rand(config.rank, mod.in_features, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+            b = torch.zeros(mod.out_features, config.rank, dtype=torch.float64)
+            if config.init == "random":
+                b = torch.randn(mod.out_features, config.rank, generator=gen, dtype=torch.float64) * config.b_std
+            self.lora_A[_key(name)] = nn.Parameter(a.to(dtype))
+            self.lora_B[_key(name)] = nn.Parameter(b.to(dtype))
+        self._handles: list = []
+
+    def trained_names(self) -> list[str]:
+        """PEFT names of the modules with their own tensors (aliases excluded)."""
+        return [n for n, m in self.modules_by_name.items() if m.alias_of is None]
+
+    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of a module (an alias resolves to the module it repeats)."""
+        mod = self.modules_by_name[name]
+        key = _key(mod.alias_of or name)
+        return self.lora_A[key], self.lora_B[key]
+
+    def delta(self, name: str) -> torch.Tensor:
+        """scaling · B @ A of one module, [out, in], in float64 (for merging)."""
+        a, b = self.pair(name)
+        return self.config.scaling * (b.detach().double() @ a.detach().double())
+
+    def output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """scaling · (x Aᵀ) Bᵀ for input x [..., in] in x's dtype (None when the module is not adapted)."""
+        if name not in self.modules_by_name:
+            return None
+        a, b = self.pair(name)
+        return ((x @ a.to(x.dtype).t()) @ b.to(x.dtype).t()) * self.config.scaling
+
+    def load_pairs(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy (A, B) per trained module name into the adapter (shapes must match)."""
+        with torch.no_grad():
+            for name in self.trained_names():
+                a, b = pairs[name]
+                self.lora_A[_key(name)].copy_(a)
+                self.lora_B[_key(name)].copy_(b)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")
+
+
+def _sites(spec: ModelSpec, config: LoraConfig) -> Iterator[_Site]:
+    for layer in spec.layers:
+        yield from _layer_modules(spec, layer, config)[1]
+
+
+def _combined(adapters: LoraAdapters, site: _Site, x: torch.Tensor) -> torch.Tensor | None:
+    """The site's LoRA output [..., out]: each member's output, placed by the site's transform (zeros for members
+    the config does not adapt); None when no member is adapted."""
+    parts = [adapters.output(n, x) for n in site.members]
+    if all(p is None for p in parts):
+        return None
+    lead = x.shape[:-1]
+    parts = [p if p is not None else x.new_zeros(*lead, adapters.widths[n]) for p, n in zip(parts, site.members)]
+    if site.combine is None:
+        return parts[0]
+    rows = [p.reshape(-1, p.shape[-1]).t() for p in parts]  # output features as rows, like the weight table's
+    (fused,) = site.combine.to_megatron(rows, adapters.spec, site.layer)
+    return fused.t().reshape(*lead, fused.shape[0])
+
+
+def attach_lora(model: nn.Module, config: LoraConfig, *, dtype: torch.dtype = torch.float32,
+                adapters: LoraAdapters | None = None, freeze_base: bool = True) -> LoraAdapters:
+    """Attach LoRA to a built Gemma4Model (base weights frozen); returns the adapters (the trainable parameters)."""
+    spec = model.spec
+    adapters = adapters if adapters is not None else LoraAdapters(spec, config, dtype=dtype)
+    adapters.to(next(model.parameters()).device)
+    if freeze_base:
+        model.requires_grad_(False)
+    named = dict(model.named_modules())
+    for site in _sites(spec, config):
+        linear = named.get(site.megatron)
+        if linear is None:
+            raise ConfigError(f"the model has no module {site.megatron} to attach LoRA to",
+                              "attach LoRA to a Gemma4Model built by gemma4_support.model for this spec")
+        adapters._handles.append(linear.register_forward_hook(_hook(adapters, site)))
+    return adapters
+
+
+def detach_lora(adapters: LoraAdapters) -> None:
+    """Remove the adapters' hooks from the model (the base model runs alone again)."""
+    for handle in adapters._handles:
+        handle.remove()
+    adapters._handles.clear()
+
+
+def _hook(adapters: LoraAdapters, site: _Site):  # noqa: ANN202
+    def add_delta(module: nn.Module, args: Sequence[torch.Tensor], output: tuple) -> tuple:
+        out, bias = output
+        delta = _combined(adapters, site, args[0])
+        return output if delta is None else (out + delta.to(out.dtype), bias)
+
+    return add_delta
