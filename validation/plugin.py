@@ -44,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--gemma4-chat-template", default=None, metavar="FILE",
                     help="a Gemma 4 chat template (Jinja) to run the tokenization stage with; default: the model's own, "
                          "else the fixtures' template")
+    group.addoption("--gemma4-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="precision of the mismatch stage against --vllm-url (the server's --dtype; default bfloat16); "
+                         "without --vllm-url the stage runs float32 and bfloat16 on the fixtures")
     group.addoption("--gemma4-run-dir-file", default=None, metavar="FILE",
                     help="write this run's report folder to FILE when the session ends (gemma4-validate reads it)")
 

@@ -181,3 +181,30 @@ CP_MASKS_BALANCE = (Gate("work_imbalance", "<=", 1.0),)
 # The log-prob vLLM returns for each token it sampled from the tiny MoE fixture (fp32, CPU) vs HF transformers'
 # log-prob of that token in the same context: an alignment or numerics bug in either moves it by O(1).
 VLLM_VS_HF_SAMPLED_LOGPROBS_FP32 = (Gate("max_abs_logprob_diff", "<=", 1e-4),)
+
+# --- stage_mismatch (issue 10): vLLM's sampled-token log-probs vs the trainer's, the same adapter on both sides --
+# The floor is vLLM against itself in the same run: its sampling log-probs vs its own re-scoring of the same
+# sequences (prompt_logprobs). fp32: mean-abs-% <= max(0.01, 2 x floor) and top-20 KL <= 1e-6 both ways. bf16:
+# mean-abs-% <= 2 x floor, never above 8 % (the best existing suite's bar for Gemma 4 MoE), top-20 KL <= 0.008.
+MISMATCH_FP32_PCT_MIN = 0.01
+MISMATCH_FLOOR_FACTOR = 2.0
+MISMATCH_BF16_PCT_MAX = 8.0
+# The workload (issue 10): prompts >= 8 sliding windows, groups of >= 4 completions of >= 32 tokens each.
+MISMATCH_WINDOWS_PER_PROMPT = 8
+MISMATCH_WORKLOAD = (
+    Gate("group_size_min", ">=", 4),
+    Gate("completion_tokens_min", ">=", 32),
+    Gate("temperature", ">=", 0.8),
+)
+# The adapter served natively and merged into the weights score the same tokens alike (dense fixture, fp32).
+MISMATCH_NATIVE_VS_MERGED = (Gate("max_abs", "<=", 1e-4),)
+
+
+def mismatch_gates(dtype: str, floor_mean_abs_pct: float, window: int) -> tuple[Gate, ...]:
+    """The mismatch gates for one precision, scaled by the floor measured in the same run."""
+    if dtype == "float32":
+        pct, kl = max(MISMATCH_FP32_PCT_MIN, MISMATCH_FLOOR_FACTOR * floor_mean_abs_pct), 1e-6
+    else:
+        pct, kl = min(MISMATCH_BF16_PCT_MAX, MISMATCH_FLOOR_FACTOR * floor_mean_abs_pct), 0.008
+    return (Gate("mean_abs_pct", "<=", pct), Gate("kl_topk_ref_cand", "<=", kl), Gate("kl_topk_cand_ref", "<=", kl),
+            Gate("prompt_tokens_min", ">=", MISMATCH_WINDOWS_PER_PROMPT * window), *MISMATCH_WORKLOAD)

@@ -1,0 +1,136 @@
+"""Stage mismatch, offline parts: LoRA export/import round trips, adapters vLLM would ignore refused with one line,
+RL packing's capacity and routing errors, router replay from recorded routes (no server needed)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures.factory import fixture_dir
+from gemma4_support.convert.checkpoint import HFCheckpoint, megatron_to_hf
+from gemma4_support.errors import CheckpointError, ConfigError, Gemma4Error, PackingError
+from gemma4_support.lora import LoraAdapters, LoraConfig, attach_lora, load_adapter, save_adapter, save_merged
+from gemma4_support.lora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from gemma4_support.logprobs import score_row
+from gemma4_support.metrics import tensor_diff
+from gemma4_support.model.build import load_model, model_spec
+from gemma4_support.model.router_replay import recorded_routing
+from gemma4_support.packing import pack
+from gemma4_support.rl.rows import pack_sequences
+from gemma4_support.rl.trajectory import TrainingSequence
+
+pytestmark = pytest.mark.stage_mismatch
+
+LORA = LoraConfig(rank=4, alpha=8.0, init="random", b_std=0.02, seed=3)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    base = fixture_dir(request.param)
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    adapters = LoraAdapters(model_spec(base), LORA)
+    return request.param, base, adapters, save_adapter(adapters, root / "adapter"), save_merged(adapters, base, root / "merged")
+
+
+def test_round_trip(exported, stage_report) -> None:
+    """Adapter directory -> LoraAdapters is bit for bit; the merged checkpoint reads back through the Megatron model
+    bit for bit, and its logits equal the base model with the adapter attached."""
+    variant, base, adapters, adapter_dir, merged_dir = exported
+    back = load_adapter(adapter_dir, adapters.spec)
+    exact = all(torch.equal(a, b) for a, b in zip(adapters.state_dict().values(), back.state_dict().values()))
+    merged = load_model(merged_dir, attention="dense")
+    written = HFCheckpoint(merged_dir)
+    reread = megatron_to_hf(merged.state_dict(), merged.spec)
+    merged_exact = all(torch.equal(reread[n], written.get(n)) for n in written.names())
+    model = load_model(base, attention="dense")
+    attach_lora(model, back.config, adapters=back)
+    row = pack([(24, [10, 12]), 30]).with_tokens(torch.randint(5, 500, (76,), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        with_lora = model(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        from_merged = merged(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        chunked = score_row(model, row, chunk_tokens=16).logprobs
+    full = torch.log_softmax(with_lora[0].float(), -1).gather(-1, row.labels[:, None])[:, 0]
+    metrics = {"adapter_round_trip_exact": float(exact and len(back.trained_names()) == len(adapters.trained_names())),
+               "merged_round_trip_exact": float(merged_exact),
+               "merged_vs_lora_logits_max_abs_rel": tensor_diff(with_lora, from_merged)["max_abs_rel"],
+               "chunked_vs_full_logprob_max_abs": tensor_diff(full, chunked)["max_abs"],
+               "kv_layers_with_v_written": float(sum(1 for k in load_file(adapter_dir / ADAPTER_WEIGHTS)
+                                                     if "v_proj.lora_A" in k))}
+    gates = [g for g in _gates() if g.metric in metrics]
+    stage_report.check(f"lora round trip ({variant})", metrics, gates)
+
+
+def _gates():  # noqa: ANN202
+    from gemma4_support.metrics import Gate
+
+    return (Gate("adapter_round_trip_exact", "==", 1.0), Gate("merged_round_trip_exact", "==", 1.0),
+            Gate("merged_vs_lora_logits_max_abs_rel", "<=", 1e-5), Gate("chunked_vs_full_logprob_max_abs", "<=", 1e-5),
+            Gate("kv_layers_with_v_written", "==", 6.0))
+
+
+def _broken(adapter_dir, tmp_path, *, rename=None, drop=None, change=None, config=None):  # noqa: ANN001, ANN202
+    out = tmp_path / "broken"
+    out.mkdir()
+    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
+    if rename:
+        tensors = {k.replace(*rename): v for k, v in tensors.items()}
+    if drop:
+        tensors = {k: v for k, v in tensors.items() if drop not in k}
+    if change:
+        key = next(k for k in tensors if change[0] in k)
+        tensors[key] = change[1](tensors[key])
+    save_file(tensors, str(out / ADAPTER_WEIGHTS))
+    doc = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    doc.update(config or {})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(doc))
+    return out
+
+
+@pytest.mark.parametrize("how, expected", [
+    (dict(rename=("self_attn.q_proj", "self_attn.qq_proj")), "names no module"),
+    (dict(rename=("layers.0.", "layers.60.")), "names no module"),
+    (dict(drop="layers.5.self_attn.v_proj"), "but no model.layers.5.self_attn.v_proj"),
+    (dict(change=("layers.5.self_attn.v_proj.lora_B", lambda t: t * 2)), "differs from"),
+    (dict(change=("layers.0.mlp.down_proj.lora_A", lambda t: t[:, :-1].contiguous())), "has shape"),
+    (dict(config={"use_dora": True}), "use_dora"),
+    (dict(config={"peft_type": "IA3"}), "not LORA"),
+])
+def test_adapter_vllm_would_misread_is_refused(exported, tmp_path, how: dict, expected: str) -> None:
+    """Every tensor vLLM would ignore or apply differently from the trainer: one CheckpointError line naming it."""
+    variant, _, adapters, adapter_dir, _ = exported
+    broken = _broken(adapter_dir, tmp_path, **how)
+    with pytest.raises(CheckpointError) as err:
+        load_adapter(broken, adapters.spec)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lora_config_refusals() -> None:
+    """LoRA settings the trainer cannot honour are refused at configuration time."""
+    for bad in (dict(target_modules=("k_proj",)), dict(dropout=0.1), dict(rank=0), dict(init="kaiming"),
+                dict(target_modules=("qkv",))):
+        with pytest.raises(ConfigError):
+            LoraConfig(**bad)
+
+
+def _sequence(n: int, routed: np.ndarray | None = None, index: int = 0) -> TrainingSequence:
+    ids = list(range(5, 5 + n))
+    return TrainingSequence(ids, [0] * 4 + [1] * (n - 4), [0.0] * 4 + [-1.0] * (n - 4), index, 0, [0], [(4, n)], routed)
+
+
+def test_packing_and_routing_errors() -> None:
+    """Over capacity, truncation on request, routed experts of the wrong shape or layer count: one line each."""
+    with pytest.raises(PackingError, match="more than the packing capacity 16"):
+        pack_sequences([[_sequence(20)]], capacity=16)
+    rows, _ = pack_sequences([[_sequence(20)]], capacity=16, truncate=True)
+    assert rows[0].length == 16 and int(rows[0].loss_mask.sum()) == 12
+    with pytest.raises(PackingError, match=r"routed_experts of trajectory 0, history 0 has shape \(5, 1, 2\)"):
+        pack_sequences([[_sequence(10, np.zeros((5, 1, 2), dtype=np.int64))]], capacity=16)
+    routed = np.tile(np.array([[[0, 1]]]), (9, 1, 1))
+    rows, _ = pack_sequences([[_sequence(10, routed)]], capacity=16)
+    assert rows[0].routed_experts.shape == (16, 1, 2) and int((rows[0].routed_experts[:, 0, 0] < 0).sum()) == 7
+    model = load_model(fixture_dir("moe"), attention="dense")
+    with pytest.raises(Gemma4Error, match="records 1 MoE layers x top-2; the model has 6 MoE layers"):
+        recorded_routing(model, rows[0].routed_experts)
