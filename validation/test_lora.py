@@ -134,3 +134,24 @@ def test_packing_and_routing_errors() -> None:
     model = load_model(fixture_dir("moe"), attention="dense")
     with pytest.raises(Gemma4Error, match="records 1 MoE layers x top-2; the model has 6 MoE layers"):
         recorded_routing(model, rows[0].routed_experts)
+
+
+def test_wire_errors_name_the_field() -> None:
+    """What the mismatch stage reads from vLLM, missing or malformed: one ServerError line naming the field."""
+    from gemma4_support.errors import ServerError
+    from gemma4_support.serving.wire import choice_top_logprobs, prompt_logprobs
+
+    cases = [
+        (lambda: choice_top_logprobs({"logprobs": None}, "choice 3"), "choice 3 has no logprobs content"),
+        (lambda: choice_top_logprobs({"logprobs": {"content": [{"logprob": -1.0, "top_logprobs": []}]}}, "c"),
+         "c token 0 has no top_logprobs"),
+        (lambda: choice_top_logprobs({"logprobs": {"content": [{"top_logprobs": [{"token": "abc", "logprob": -1}]}]}},
+                                     "c"), "is not 'token_id:N'"),
+        (lambda: prompt_logprobs({"prompt_logprobs": None}, [1, 2], 20, "sample 0"), "sample 0 has no prompt_logprobs"),
+        (lambda: prompt_logprobs({"prompt_logprobs": [None, {"7": {"logprob": -1.0, "rank": 1}}]}, [1, 2], 20, "s"),
+         "lacks the token there (2)"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(ServerError) as err:
+            call()
+        assert expected in str(err.value) and "\n" not in str(err.value)

@@ -73,6 +73,8 @@ def save_adapter(adapters: LoraAdapters, directory: str | Path, *, base_model: s
     tmp = _atomic_dir(out)
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True))
+    if tie_v and alpha is None:
+        read_adapter(tmp, adapters.spec)  # what is published is exactly what vLLM and the trainer read alike
     return _publish(tmp, out)
 
 
