@@ -155,13 +155,13 @@ def test_cli_exits_3_when_a_selected_stage_has_no_tests(tmp_path):
     --allow-not-run exits 0, here with --chat-template (which the plugin must accept)."""
     template = tmp_path / "chat_template.jinja"  # only passed through: nothing reads it yet
     template.write_text("{{ messages }}")
-    exe = [sys.executable, "-m", "validation.cli", "run", "--stages", "trainability", "--workers", "0"]
+    exe = [sys.executable, "-m", "validation.cli", "run", "--stages", "throughput", "--workers", "0"]
     out = subprocess.run([*exe, "--report-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "trainability" in out.stderr and "--allow-not-run" in out.stderr
+    assert "throughput" in out.stderr and "--allow-not-run" in out.stderr
     (run,) = [p for p in (tmp_path / "a").iterdir() if p.is_dir()]
     summary = json.loads((run / "summary.json").read_text())
-    assert next(iter(summary)) == "not_run" and "trainability" in summary["not_run"]
+    assert next(iter(summary)) == "not_run" and "throughput" in summary["not_run"]
     page = (run / "index.html").read_text()
     assert page.index("not run (no tests") < page.index("<table>")
     out = subprocess.run([*exe, "--report-dir", str(tmp_path / "b"), "--allow-not-run", "--chat-template", str(template)],

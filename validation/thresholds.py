@@ -208,3 +208,25 @@ def mismatch_gates(dtype: str, floor_mean_abs_pct: float, window: int) -> tuple[
         pct, kl = min(MISMATCH_BF16_PCT_MAX, MISMATCH_FLOOR_FACTOR * floor_mean_abs_pct), 0.008
     return (Gate("mean_abs_pct", "<=", pct), Gate("kl_topk_ref_cand", "<=", kl), Gate("kl_topk_cand_ref", "<=", kl),
             Gate("prompt_tokens_min", ">=", MISMATCH_WINDOWS_PER_PROMPT * window), *MISMATCH_WORKLOAD)
+
+# --- stage_trainability (issue 11): a real RL loop learns the length task on the warmed-up dense fixture ---------
+# From the issue: step-0 error >= 5, best error <= 1.5 within <= 20 steps, a completion not truncated, a step with
+# non-constant rewards, the served id carrying the last step, first-step importance ratios within [0.9, 1.1] on
+# average. Added here: progress by step 4 (error <= 0.6 x step 0's; measured 0.25 on the CPU tier), which lets a
+# run that cannot learn (lr 0, advantage sign flipped, adapter never reloaded) be judged after 5 steps, and the
+# first step's LoRA gradients equal to the ones HF transformers implies for the same loss (dB = s·G·Aᵀ from HF's
+# weight gradient G; rel-L2 <= 1e-4 per tensor, fp32), which sees a gradient path dropped inside the trainer.
+TRAINABILITY_MAX_STEPS = 20
+TRAINABILITY_PROGRESS_STEP = 4
+TRAINABILITY = (
+    Gate("step0_error", ">=", 5.0),
+    Gate("best_error", "<=", 1.5),
+    Gate("best_step", "<=", TRAINABILITY_MAX_STEPS - 1),
+    Gate("progress_ratio", "<=", 0.6),
+    Gate("untruncated_completions", ">=", 1),
+    Gate("steps_with_reward_variance", ">=", 1),
+    Gate("served_is_last_step", "==", 1.0),
+    Gate("first_step_ratio_mean", ">=", 0.9),
+    Gate("first_step_ratio_mean", "<=", 1.1),
+    Gate("lora_grad_vs_hf_max_rel_l2", "<=", 1e-4),
+)

@@ -126,6 +126,19 @@ class VLLMClient:
                 raise ServerError(f"vLLM refused LoRA adapter {name} from {path} ({resp.status_code}): {resp.text[:500]}",
                                   "check the adapter (module names, rank <= --max-lora-rank) and the server's flags")
 
+    def unload_lora_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter from the running server (vLLM's runtime LoRA unloading)."""
+        import httpx
+
+        try:
+            resp = httpx.post(f"{self.base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach vLLM at {self.base_url} to unload adapter {name}: {exc}",
+                              "check that the server is running") from None
+        if resp.status_code != 200:
+            raise ServerError(f"vLLM refused to unload LoRA adapter {name} ({resp.status_code}): {resp.text[:300]}",
+                              "unload only adapters this client loaded")
+
     def _call(self, fn, **args: Any):  # noqa: ANN001, ANN202
         import openai
 
