@@ -286,6 +286,7 @@ def test_native_vs_merged(lab: Lab, stage_report) -> None:
                        native_floor_max_abs=floor["max_abs"])
 
 
+@pytest.mark.main_job
 def test_moe_bf16_informative(lab: Lab, stage_report) -> None:
     """MoE bf16 on the CPU tier: measured and recorded, not gated (no vLLM routes there; see CPU_CASES)."""
     if lab.url:

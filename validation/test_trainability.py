@@ -101,7 +101,9 @@ def _drop_v_path(model: torch.nn.Module) -> None:
             module.split_qkv = detached
 
 
-@pytest.mark.parametrize("variant", ["lr-0", "advantage-flipped", "never-reloaded", "v-path-grad-dropped"])
+@pytest.mark.parametrize("variant", [pytest.param("lr-0", marks=pytest.mark.main_job),
+                                     pytest.param("advantage-flipped", marks=pytest.mark.main_job),
+                                     pytest.param("never-reloaded", marks=pytest.mark.main_job), "v-path-grad-dropped"])
 def test_broken_loop_fails(server, model_dir: Path, tmp_path: Path, stage_report, variant: str) -> None:
     """Each broken loop fails the stage's gates (judged as soon as its failure is final)."""
     if not server.owned:
