@@ -115,13 +115,15 @@ def trainer_scores(model: torch.nn.Module, rows: list[PackedRow], where: list[li
         scored = [score_row(model, row, top_k=top_k, replay=replay) for row in rows]
     out = Scores([])
     for places in where:
-        r = torch.tensor([p[0] for p in places])
-        i = torch.tensor([p[1] for p in places])
-        pick = lambda f: torch.stack([getattr(scored[a], f)[b] for a, b in zip(r.tolist(), i.tolist())])  # noqa: E731
-        out.logprobs.append(pick("logprobs").double())
-        out.top_ids.append(pick("top_ids") if top_k else None)
-        out.top_logprobs.append(pick("top_logprobs").double() if top_k else None)
+        out.logprobs.append(at_places(scored, places).double())
+        out.top_ids.append(at_places(scored, places, "top_ids") if top_k else None)
+        out.top_logprobs.append(at_places(scored, places, "top_logprobs").double() if top_k else None)
     return out
+
+
+def at_places(scored: list, places: list[tuple], field: str = "logprobs") -> torch.Tensor:
+    """One sample's values of a TokenLogprobs field, stacked from its (row, position) places (as `packed` gives)."""
+    return torch.stack([getattr(scored[r], field)[i] for r, i in places])
 
 
 def compare(samples: list[Sample], cand: Scores, tops: bool = True) -> dict[str, float]:

@@ -116,8 +116,7 @@ class Lab:
         return server
 
     def sample(self, served: Served, name: str) -> list:
-        window = min(layer.window for layer in model_spec(served.model_dir).layers if layer.window) or 1
-        convs = M.prompts(PROMPTS, min_words=T.MISMATCH_WINDOWS_PER_PROMPT * window, seed=self.seed)
+        convs = M.prompts(PROMPTS, min_words=T.MISMATCH_WINDOWS_PER_PROMPT * _window(served), seed=self.seed)
         return M.sample(served.server.client(), name, convs, n=GROUP, max_tokens=MAX_TOKENS, min_tokens=MIN_TOKENS,
                         temperature=TEMPERATURE, seed=self.seed)
 
@@ -237,7 +236,7 @@ def test_sensitivity_vllm_adapter(lab: Lab, stage_report, variant: str) -> None:
         served.server.client().load_lora_adapter(name, str(lab.export("dense", variant)))
     samples = lab.sample(served, name)
     metrics, info = _trainer_side(lab, served, samples)
-    floor = {f"floor_{k}": v for k, v in M.compare(served.samples, served.floor).items()}
+    floor = _floors(lab, served)
     stage_report.expect_caught(f"vllm adapter {variant}", {**metrics, **_workload(served), **floor},
                                _gates(served, floor), **info)
 
@@ -256,7 +255,7 @@ def test_sensitivity_trainer_path(lab: Lab, stage_report, chat_template: str, va
     else:
         rows_fn = M.positions_not_restarted
     metrics, info = _trainer_side(lab, served, samples, rows_fn=rows_fn)
-    floor = {f"floor_{k}": v for k, v in M.compare(served.samples, served.floor).items()}
+    floor = _floors(lab, served)
     stage_report.expect_caught(variant, {**metrics, **_workload(served), **floor}, _gates(served, floor), **info)
 
 
@@ -270,7 +269,7 @@ def test_sensitivity_routes_not_replayed(lab: Lab, stage_report) -> None:
             if name.endswith("moe.router.weight"):
                 param.add_(torch.randn(param.shape, generator=gen).to(param) * 0.05 * param.std())
     metrics, info = _trainer_side(lab, served, served.samples, replay=False, model=model)
-    floor = {f"floor_{k}": v for k, v in M.compare(served.samples, served.floor).items()}
+    floor = _floors(lab, served)
     stage_report.expect_caught("routes not replayed, router perturbed", {**metrics, **_workload(served), **floor},
                                _gates(served, floor), **info)
 

@@ -141,7 +141,7 @@ class LengthLoop:
         self.opt.zero_grad()
         device = next(self.model.parameters()).device
         scored = [score_row(self.model, row.to(device)) for row in rows]
-        lp = torch.cat([torch.stack([scored[r].logprobs[i] for r, i in places]) for places in where])
+        lp = torch.cat([M.at_places(scored, places) for places in where])
         old = torch.cat([torch.tensor(s.choice.logprobs, dtype=torch.float64) for s in samples]).to(lp.device)
         adv = torch.cat([torch.full((len(p),), float(a)) for p, a in zip(where, advantages)]).to(lp.device)
         loss, ratio = policy_loss(lp, old, adv, torch.ones_like(adv, dtype=torch.bool), kind=self.cfg.loss)
@@ -232,9 +232,7 @@ def hf_lora_grads(model_dir: Path, loop: LengthLoop) -> dict[str, torch.Tensor]:
     out = {}
     for name in ad.trained_names():
         mod = ad.modules_by_name[name]
-        g = grads[mod.hf_tensor]
-        g = g if mod.expert is None else g[mod.expert]
-        g = g if mod.rows is None else g[mod.rows[0]:mod.rows[1]]
+        g = mod.weight_view(grads[mod.hf_tensor])
         key = name.replace(".", "/")
         a, b = (loop.first_params[f"lora_{x}.{key}"].double() for x in "AB")
         out[f"lora_A.{key}"] = ad.config.scaling * (b.t() @ g.double())

@@ -79,6 +79,11 @@ class LoraModule:
     rows: tuple[int, int] | None = None
     alias_of: str | None = None  # K=V layers: v_proj is k_proj (exported again under v_proj, never trained apart)
 
+    def weight_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This module's [out, in] weight within its HF tensor (or within that tensor's gradient): a view."""
+        view = tensor if self.expert is None else tensor[self.expert]
+        return view if self.rows is None else view[self.rows[0]:self.rows[1]]
+
 
 @dataclass(frozen=True)
 class _Site:

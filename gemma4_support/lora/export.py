@@ -173,10 +173,7 @@ def save_merged(adapters: LoraAdapters, base_dir: str | Path, directory: str | P
         if name in deltas:
             merged = tensor.to(torch.float64)
             for mod, delta in deltas[name]:
-                view = merged if mod.expert is None else merged[mod.expert]
-                if mod.rows is not None:
-                    view = view[mod.rows[0]:mod.rows[1]]
-                view += delta
+                mod.weight_view(merged).add_(delta)
             tensor = merged.to(tensor.dtype)
         tensors[name] = tensor.contiguous()
     tmp = _atomic_dir(out)

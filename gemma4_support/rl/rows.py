@@ -157,10 +157,12 @@ def _row(docs: list[tuple], capacity: int, pad_token_id: int) -> PackedRow:
             col.extend(values)
         cols[7].extend([d] * len(doc[0]))
     pad = capacity - len(cols[0])
-    if pad:
-        for col, value in zip(cols, (pad_token_id, 0, 0, 0, 0.0, None, "route", len(docs))):
-            col.extend(list(range(pad)) if value is None else [None if value == "route" else value] * pad)
     ids, br, labels, mask, lps, pos, routes, doc_ids = cols
+    if pad:  # one pad document: pad ids, no loss, positions from 0, no recorded routing
+        for col, value in ((ids, pad_token_id), (br, 0), (labels, 0), (mask, 0), (lps, 0.0), (routes, None),
+                           (doc_ids, len(docs))):
+            col.extend([value] * pad)
+        pos.extend(range(pad))
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PackedRow(long(pos), long(doc_ids), long(br), long(ids), long(labels), torch.tensor(mask, dtype=torch.bool),
                      torch.tensor(lps, dtype=torch.float64),  # exactly what the sampler reported

@@ -108,36 +108,31 @@ class VLLMClient:
 
     def load_lora_adapter(self, name: str, path: str) -> None:
         """Load (or replace) a LoRA adapter in the running server under `name` (vLLM's runtime LoRA loading)."""
-        import httpx
-
-        for route, body in (("unload_lora_adapter", {"lora_name": name}),
-                            ("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})):
-            try:
-                resp = httpx.post(f"{self.base_url}/v1/{route}", json=body, timeout=120.0)
-            except httpx.HTTPError as exc:
-                raise ServerError(f"cannot reach vLLM at {self.base_url} to {route.replace('_', ' ')}: {exc}",
-                                  "check that the server is running") from None
-            if route.startswith("unload"):
-                continue  # absent before: nothing to unload
-            if resp.status_code == 404:
-                raise ServerError(f"vLLM at {self.base_url} has no /v1/load_lora_adapter route",
-                                  "start it with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
-            if resp.status_code != 200:
-                raise ServerError(f"vLLM refused LoRA adapter {name} from {path} ({resp.status_code}): {resp.text[:500]}",
-                                  "check the adapter (module names, rank <= --max-lora-rank) and the server's flags")
+        self._lora_route("unload_lora_adapter", {"lora_name": name}, f"unload adapter {name}")  # absent: nothing to do
+        resp = self._lora_route("load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, f"load adapter {name}")
+        if resp.status_code == 404:
+            raise ServerError(f"vLLM at {self.base_url} has no /v1/load_lora_adapter route",
+                              "start it with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+        if resp.status_code != 200:
+            raise ServerError(f"vLLM refused LoRA adapter {name} from {path} ({resp.status_code}): {resp.text[:500]}",
+                              "check the adapter (module names, rank <= --max-lora-rank) and the server's flags")
 
     def unload_lora_adapter(self, name: str) -> None:
         """Unload a LoRA adapter from the running server (vLLM's runtime LoRA unloading)."""
-        import httpx
-
-        try:
-            resp = httpx.post(f"{self.base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
-        except httpx.HTTPError as exc:
-            raise ServerError(f"cannot reach vLLM at {self.base_url} to unload adapter {name}: {exc}",
-                              "check that the server is running") from None
+        resp = self._lora_route("unload_lora_adapter", {"lora_name": name}, f"unload adapter {name}")
         if resp.status_code != 200:
             raise ServerError(f"vLLM refused to unload LoRA adapter {name} ({resp.status_code}): {resp.text[:300]}",
                               "unload only adapters this client loaded")
+
+    def _lora_route(self, route: str, body: dict, what: str):  # noqa: ANN202 - an httpx.Response
+        """POST one of vLLM's runtime-LoRA routes; an unreachable server is one ServerError line."""
+        import httpx
+
+        try:
+            return httpx.post(f"{self.base_url}/v1/{route}", json=body, timeout=120.0)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach vLLM at {self.base_url} to {what}: {exc}",
+                              "check that the server is running") from None
 
     def _call(self, fn, **args: Any):  # noqa: ANN001, ANN202
         import openai
