@@ -23,6 +23,9 @@ from gemma4_support.config.families import discover
 from gemma4_support.config.spec import FULL, SLIDING, ModelSpec, load_spec
 from gemma4_support.errors import MaskNotPreparedError
 from gemma4_support.metrics import evaluate
+from gemma4_support.lora import LoraConfig, attach_lora, detach_lora
+from gemma4_support.metrics import Gate, named_tensor_metrics, tensor_diff
+from gemma4_support.model import mlp as mlp_module
 from gemma4_support.model import rope as rope_module
 from gemma4_support.model import router as router_module
 from gemma4_support.model.attention import Gemma4Attention
@@ -161,6 +164,44 @@ def test_masks_are_prepared_before_the_layers() -> None:
         model(ids, pos, doc, masks=only_sliding)
 
 
+# ---------------------------------------------------------------- the expert paths: grouped (default) = sequential
+
+
+def test_expert_paths_agree(stage_report, pytestconfig, gemma4_seed: int) -> None:
+    """The grouped expert GEMMs (the default path, which every gate above runs) equal one megatron MLP call per
+    expert: logits, every base gradient, and with LoRA on every expert (grouped LoRA vs per-expert hooks) every
+    adapter gradient — MoE fixture, fp32, packed row."""
+    subject = subject_for("fixture-moe", pytestconfig)
+    row = subject.row("packed", gemma4_seed)
+    model = megatron_model(subject)
+
+    def run(path: str, lora: bool) -> tuple[torch.Tensor, dict, dict]:
+        mlp_module.set_expert_path(model, path)
+        model.zero_grad(set_to_none=True)
+        adapters = attach_lora(model, LoraConfig(rank=4, init="random"), freeze_base=False) if lora else None
+        logits = model(*row.model_inputs())
+        logits.float().log_softmax(-1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        lora_grads = {n: p.grad.clone() for n, p in adapters.named_parameters()} if adapters else {}
+        if adapters is not None:
+            detach_lora(adapters)
+        return logits.detach(), grads, lora_grads
+
+    metrics: dict[str, float] = {}
+    for lora in (False, True):
+        seq, grp = run("sequential", lora), run("grouped", lora)
+        tag = "lora_" if lora else ""
+        metrics[f"{tag}logits_max_abs"] = tensor_diff(seq[0], grp[0])["max_abs"]
+        metrics[f"{tag}grad_max_rel_l2"] = float(named_tensor_metrics(seq[1], grp[1])["max_rel_l2"])
+        if lora:
+            metrics["lora_adapter_grad_max_rel_l2"] = float(named_tensor_metrics(seq[2], grp[2])["max_rel_l2"])
+    mlp_module.set_expert_path(model, "grouped")
+    # fp32 on one device: the same products summed in the same order (measured 0.0 on CPU); 1e-6 leaves room for a
+    # GEMM library that blocks the grouped products differently
+    gates = tuple(Gate(m, "<=", 1e-6) for m in metrics)
+    stage_report.check("expert paths: grouped vs sequential", metrics, gates, **subject.info(row))
+
+
 # ---------------------------------------------------------------- sensitivity: broken variants must fail the gate
 
 
@@ -214,6 +255,11 @@ def _router_without_renormalisation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(router_module, "route", route)
 
 
+def _experts_gate_up_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grouped expert path reads its fused [gate; up] output the wrong way round."""
+    monkeypatch.setattr(mlp_module, "gated_activation", lambda mid, act: act(mid.chunk(2, -1)[1]) * mid.chunk(2, -1)[0])
+
+
 def _router_without_expert_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     def route(logits, top_k, per_expert_scale, replay=None):
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -229,6 +275,7 @@ PATCH_BREAKS = {
     "v_after_k_norm": _v_after_k_norm,
     "router_without_renormalisation": _router_without_renormalisation,
     "router_without_per_expert_scale": _router_without_expert_scale,
+    "grouped_experts_gate_up_swapped": _experts_gate_up_swapped,
 }
 
 

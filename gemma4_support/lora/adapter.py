@@ -5,7 +5,9 @@ An adapter is one (A [r, in], B [out, r]) pair per HF module (`model.layers.{i}.
 `scaling = alpha / r`. On the Megatron side an adapter pair is attached to the fused linear that holds its HF
 module (q, k[, v] -> `linear_qkv`; gate, up -> `linear_fc1`; per expert likewise) by a forward hook that adds
 `scaling · (x Aᵀ) Bᵀ` of each member, combined into the fused layout by the weight table's own transform
-(`convert.mapping.QKV` / `GATE_UP`), so the delta lands exactly where the table puts the HF rows. On full
+(`convert.mapping.QKV` / `GATE_UP`), so the delta lands exactly where the table puts the HF rows. Routed experts
+on the grouped path (the default) get one `lora_delta` per experts block instead, which runs every expert's pair
+as grouped GEMMs and places the members the same way. On full
 layers with K=V there is no v projection: V is the raw K projection, so the K adapter is the V adapter (one
 tensor, trained once). The adapters live outside the model's state dict (the model still matches the weight
 table); base weights are frozen.
@@ -205,9 +207,14 @@ def _sites(spec: ModelSpec, config: LoraConfig) -> Iterator[_Site]:
 
 
 def _combined(adapters: LoraAdapters, site: _Site, x: torch.Tensor) -> torch.Tensor | None:
-    """The site's LoRA output [..., out]: each member's output, placed by the site's transform (zeros for members
-    the config does not adapt); None when no member is adapted."""
-    parts = [adapters.output(n, x) for n in site.members]
+    """The site's LoRA output [..., out]: each member's output, placed by the site's transform; None when no member
+    is adapted."""
+    return _place(adapters, site, [adapters.output(n, x) for n in site.members], x)
+
+
+def _place(adapters: LoraAdapters, site: _Site, parts: list[torch.Tensor | None], x: torch.Tensor
+           ) -> torch.Tensor | None:
+    """Members' outputs (None: not adapted, zeros) combined into the site's fused layout by its transform."""
     if all(p is None for p in parts):
         return None
     lead = x.shape[:-1]
@@ -219,21 +226,67 @@ def _combined(adapters: LoraAdapters, site: _Site, x: torch.Tensor) -> torch.Ten
     return fused.t().reshape(*lead, fused.shape[0])
 
 
+def _grouped_delta(adapters: LoraAdapters, sites: dict[str, list[_Site]]):  # noqa: ANN202 - a GroupedDelta
+    """LoRA for a grouped experts block: per member, (x Aₑᵀ) Bₑᵀ for every expert e at once (two grouped GEMMs over
+    the stacked pairs), placed like the per-expert sites (`sites["fc1"|"fc2"][e]`)."""
+
+    def delta(which: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        per_expert = sites[which]
+        parts: list[torch.Tensor | None] = []
+        for m, name in enumerate(per_expert[0].members):
+            if name not in adapters.modules_by_name:
+                parts.append(None)
+                continue
+            pairs = [adapters.pair(site.members[m]) for site in per_expert]
+            a = torch.stack([p[0] for p in pairs]).to(x.dtype).transpose(-2, -1)  # [E, in, r]
+            b = torch.stack([p[1] for p in pairs]).to(x.dtype).transpose(-2, -1)  # [E, r, out]
+            mid = torch._grouped_mm(x, a, offs=offsets)
+            parts.append(torch._grouped_mm(mid, b, offs=offsets) * adapters.config.scaling)
+        out = _place(adapters, per_expert[0], parts, x)
+        return out if out is not None else x.new_zeros(x.shape[0], 0)
+
+    return delta
+
+
+class _Unset:
+    """A removable handle for an attribute attach_lora set (the grouped experts' LoRA)."""
+
+    def __init__(self, module: nn.Module, attr: str) -> None:
+        self.module, self.attr = module, attr
+
+    def remove(self) -> None:
+        setattr(self.module, self.attr, None)
+
+
 def attach_lora(model: nn.Module, config: LoraConfig, *, dtype: torch.dtype = torch.float32,
                 adapters: LoraAdapters | None = None, freeze_base: bool = True) -> LoraAdapters:
     """Attach LoRA to a built Gemma4Model (base weights frozen); returns the adapters (the trainable parameters)."""
+    from gemma4_support.model.mlp import Gemma4Experts
+
     spec = model.spec
     adapters = adapters if adapters is not None else LoraAdapters(spec, config, dtype=dtype)
     adapters.to(next(model.parameters()).device)
     if freeze_base:
         model.requires_grad_(False)
     named = dict(model.named_modules())
+    grouped: dict[str, dict[str, list[_Site]]] = {}
     for site in _sites(spec, config):
         linear = named.get(site.megatron)
         if linear is None:
             raise ConfigError(f"the model has no module {site.megatron} to attach LoRA to",
                               "attach LoRA to a Gemma4Model built by gemma4_support.model for this spec")
+        owner, _, rest = site.megatron.partition(".local_experts.")
+        experts = named.get(owner) if rest else None
+        if isinstance(experts, Gemma4Experts) and experts.path == "grouped":
+            grouped.setdefault(owner, {"fc1": [], "fc2": []})[rest.rsplit("_", 1)[-1]].append(site)
+            continue
         adapters._handles.append(linear.register_forward_hook(_hook(adapters, site)))
+    for owner, sites in grouped.items():
+        if [len(v) for v in sites.values()] != [named[owner].num_experts] * 2:
+            raise ConfigError(f"LoRA sites of {owner} do not cover each expert's two linears once",
+                              "attach LoRA to a Gemma4Model built by gemma4_support.model for this spec")
+        named[owner].lora_delta = _grouped_delta(adapters, sites)
+        adapters._handles.append(_Unset(named[owner], "lora_delta"))
     return adapters
 
 

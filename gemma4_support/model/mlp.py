@@ -1,7 +1,11 @@
 """Gemma 4 feed-forward blocks from megatron-core: the dense GELU-tanh gated MLP (megatron `MLP`, linear_fc1 =
-[gate; up]) and the routed experts (megatron `SequentialMLP`, one `MLP` per expert), with a plain
-sort-by-expert dispatch that works on one device."""
+[gate; up]) and the routed experts (megatron `SequentialMLP`'s parameters, one `MLP` per expert), with a
+sort-by-expert dispatch that works on one device. The experts run as two grouped GEMMs over every expert at once
+(`torch._grouped_mm`, no host synchronisation) by default, or one megatron `MLP` call per expert (`sequential`,
+the reference path); both add each token's expert outputs in expert order, as HF does."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -12,7 +16,14 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from gemma4_support.errors import ConfigError
 from gemma4_support.model.router import Gemma4Router
+
+__all__ = ["EXPERT_PATHS", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "set_expert_path"]
+
+EXPERT_PATHS = ("grouped", "sequential")
+# LoRA on the grouped path: (which linear: "fc1" | "fc2", expert-sorted input [N, in], group offsets) -> delta [N, out]
+GroupedDelta = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _LINEARS = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
@@ -31,28 +42,73 @@ class Gemma4Experts(SequentialMLP):
         pg = ProcessGroupCollection.use_mpu_process_groups()
         super().__init__(config.num_moe_experts, config, _LINEARS, pg_collection=pg)
         self.num_experts = config.num_moe_experts
+        self.path = "grouped"
+        self.lora_delta: GroupedDelta | None = None  # set by LoRA on the grouped path (per-expert hooks never run)
 
     def routed(self, hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """hidden [T, h], routing weights/indices [T, k] -> [T, h] (sort tokens by expert, run, scatter back)."""
-        top_k = indices.shape[-1]
+        """hidden [T, h], routing weights/indices [T, k] -> [T, h] (sort tokens by expert, run, add back)."""
+        tokens, top_k = indices.shape
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        token_of = order // top_k
         tokens_per_expert = torch.bincount(flat, minlength=self.num_experts)
-        # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
-        # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
-        weights = weights.reshape(-1)[order]
-        out, _ = self(hidden[token_of], tokens_per_expert, torch.ones_like(weights))
-        out = (out * weights[:, None]).to(hidden.dtype)
-        # Add the experts' outputs one expert at a time, in expert order, as HF does: within one expert every token id
-        # is unique, so each add rounds once per token in a fixed order (one index_add_ over repeated token ids would
-        # round in another order in bf16, and on CUDA in no fixed order at all: atomics).
+        x = hidden[order // top_k]
+        if self.path == "grouped":
+            out = self._grouped(x, tokens_per_expert.cumsum(0).to(torch.int32))
+        else:
+            # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
+            # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
+            out, _ = self(x, tokens_per_expert, torch.ones_like(flat, dtype=weights.dtype))
+        out = (out * weights.reshape(-1)[order][:, None]).to(hidden.dtype)
+        # Back to (token, slot) order, then each token's k outputs added one at a time in expert order, as HF adds
+        # them (one index_add_ per expert): the same roundings in bf16, and no atomics (a fixed order on CUDA too).
+        per_slot = torch.empty_like(out)
+        per_slot[order] = out
+        per_slot = per_slot.view(tokens, top_k, -1).gather(
+            1, indices.argsort(dim=-1, stable=True)[..., None].expand(-1, -1, out.shape[-1]))
         combined = torch.zeros_like(hidden)
-        counts = tokens_per_expert.tolist()
-        for tokens, chunk in zip(token_of.split(counts), out.split(counts)):
-            if len(tokens):
-                combined.index_add_(0, tokens, chunk)
+        for j in range(top_k):
+            combined = combined + per_slot[:, j]
         return combined
+
+    def _grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted tokens [N, h] with cumulative group ends `offsets` [E] -> expert outputs [N, h]."""
+        for expert in self.local_experts:
+            if expert.linear_fc1._forward_hooks or expert.linear_fc2._forward_hooks:
+                raise ConfigError("a forward hook is registered on a per-expert linear, which the grouped expert "
+                                  "path never calls", "set_expert_path(model, 'sequential'), or hook the experts "
+                                  "through Gemma4Experts.lora_delta")
+        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(-2, -1)  # [E, h, 2I]
+        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(-2, -1)  # [E, I, h]
+        mid = torch._grouped_mm(x, fc1, offs=offsets)
+        if self.lora_delta is not None:
+            mid = mid + self.lora_delta("fc1", x, offsets).to(mid.dtype)
+        act = gated_activation(mid, self.config.activation_func)
+        out = torch._grouped_mm(act, fc2, offs=offsets)
+        if self.lora_delta is not None:
+            out = out + self.lora_delta("fc2", act, offsets).to(out.dtype)
+        return out
+
+
+def gated_activation(mid: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[..., 2I] laid out [gate; up] -> activation(gate) * up (megatron MLP's gated linear unit)."""
+    gate, up = torch.chunk(mid, 2, dim=-1)
+    return activation(gate) * up
+
+
+def set_expert_path(model: torch.nn.Module, path: str) -> None:
+    """Run every routed-experts block of `model` on `path`: "grouped" (default) or "sequential" (per expert)."""
+    if path not in EXPERT_PATHS:
+        raise ConfigError(f"unknown expert path {path!r}", f"choose one of {EXPERT_PATHS}")
+    for module in model.modules():
+        if isinstance(module, Gemma4Experts):
+            if path == "grouped" and any(e.linear_fc1._forward_hooks or e.linear_fc2._forward_hooks
+                                         for e in module.local_experts):
+                raise ConfigError("per-expert forward hooks are attached (e.g. LoRA attached on the sequential path)",
+                                  "detach them first, then switch the expert path and attach again")
+            if path == "sequential" and module.lora_delta is not None:
+                raise ConfigError("LoRA is attached to the grouped expert path",
+                                  "detach_lora first, then switch the expert path and attach again")
+            module.path = path
 
 
 class Gemma4MoE(MegatronModule):
