@@ -202,6 +202,28 @@ def test_expert_paths_agree(stage_report, pytestconfig, gemma4_seed: int) -> Non
     stage_report.check("expert paths: grouped vs sequential", metrics, gates, **subject.info(row))
 
 
+def test_packed_expert_weights_stay_the_parameters(pytestconfig) -> None:
+    """The grouped path reads each linear's experts as one packed tensor whose views are the parameters: loading,
+    an optimizer step and the gradient all go through the views; a parameter re-seated elsewhere (e.g. by
+    `.to()`) makes the path stack a copy instead of reading stale storage."""
+    subject = subject_for("fixture-moe", pytestconfig)
+    row = subject.row("packed", 0)
+    model = megatron_model(subject)
+    experts = next(m for m in model.modules() if isinstance(m, mlp_module.Gemma4Experts))
+    params = [e.linear_fc1.weight for e in experts.local_experts]
+    base = experts._packed["linear_fc1"]
+    assert mlp_module._views_of(base, params)
+    model(*row.model_inputs()).float().logsumexp(-1).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.equal(base[1], params[1]) and params[1].grad is not None
+    reference = model(*row.model_inputs()).detach()
+    params[2].data = params[2].data.clone() + 1.0  # no longer a view of the packed storage
+    assert not mlp_module._views_of(base, params)
+    moved = model(*row.model_inputs()).detach()
+    mlp_module.set_expert_path(model, "sequential")
+    assert torch.equal(moved, model(*row.model_inputs()).detach()) and not torch.equal(moved, reference)
+
+
 # ---------------------------------------------------------------- sensitivity: broken variants must fail the gate
 
 

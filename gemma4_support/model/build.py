@@ -14,6 +14,7 @@ from gemma4_support.config.spec import ModelSpec, load_spec, read_config
 from gemma4_support.errors import RuntimeConfigError
 from gemma4_support.model import cpu_patches
 from gemma4_support.model.config import transformer_config
+from gemma4_support.model.mlp import pack_expert_weights
 from gemma4_support.model.model import Gemma4Model
 from gemma4_support.parallel.cp_attention import ContextParallelBackend
 from gemma4_support.ports import free_port
@@ -71,8 +72,9 @@ def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, device: 
     if runtime.cp > 1 and not isinstance(backend, ContextParallelBackend):
         backend = ContextParallelBackend(backend, parallel_state.get_context_parallel_group())
     config = transformer_config(spec, params_dtype=dtype)
-    model = Gemma4Model(config, spec, backend, tp_size=parallel_state.get_tensor_model_parallel_world_size())
-    return model.to(device)
+    model = Gemma4Model(config, spec, backend, tp_size=parallel_state.get_tensor_model_parallel_world_size()).to(device)
+    pack_expert_weights(model)  # the grouped expert path reads each linear's experts as one tensor, no copy
+    return model
 
 
 def model_spec(hf_dir: str | Path, depth: int | str | None = None) -> ModelSpec:

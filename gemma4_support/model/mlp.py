@@ -19,7 +19,8 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from gemma4_support.errors import ConfigError
 from gemma4_support.model.router import Gemma4Router
 
-__all__ = ["EXPERT_PATHS", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "set_expert_path"]
+__all__ = ["EXPERT_PATHS", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "pack_expert_weights",
+           "set_expert_path"]
 
 EXPERT_PATHS = ("grouped", "sequential")
 # LoRA on the grouped path: (which linear: "fc1" | "fc2", expert-sorted input [N, in], group offsets) -> delta [N, out]
@@ -59,15 +60,15 @@ class Gemma4Experts(SequentialMLP):
             # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
             out, _ = self(x, tokens_per_expert, torch.ones_like(flat, dtype=weights.dtype))
         out = (out * weights.reshape(-1)[order][:, None]).to(hidden.dtype)
-        # Back to (token, slot) order, then each token's k outputs added one at a time in expert order, as HF adds
-        # them (one index_add_ per expert): the same roundings in bf16, and no atomics (a fixed order on CUDA too).
+        # Back to one row per (token, slot), each token's slots in expert order (one index_put, no gather), then the
+        # k outputs added one at a time in that order, as HF adds them (one index_add_ per expert): the same
+        # roundings in bf16, and no atomics (a fixed order on CUDA too).
+        rank = indices.argsort(dim=-1, stable=True).argsort(dim=-1).reshape(-1)  # a slot's place in expert order
         per_slot = torch.empty_like(out)
-        per_slot[order] = out
-        per_slot = per_slot.view(tokens, top_k, -1).gather(
-            1, indices.argsort(dim=-1, stable=True)[..., None].expand(-1, -1, out.shape[-1]))
+        per_slot[(order // top_k) * top_k + rank[order]] = out
         combined = torch.zeros_like(hidden)
-        for j in range(top_k):
-            combined = combined + per_slot[:, j]
+        for part in per_slot.view(tokens, top_k, -1).unbind(1):
+            combined = combined + part
         return combined
 
     def _grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,8 @@ class Gemma4Experts(SequentialMLP):
                 raise ConfigError("a forward hook is registered on a per-expert linear, which the grouped expert "
                                   "path never calls", "set_expert_path(model, 'sequential'), or hook the experts "
                                   "through Gemma4Experts.lora_delta")
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(-2, -1)  # [E, h, 2I]
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(-2, -1)  # [E, I, h]
+        fc1 = self.stacked("linear_fc1").transpose(-2, -1)  # [E, h, 2I]
+        fc2 = self.stacked("linear_fc2").transpose(-2, -1)  # [E, I, h]
         mid = torch._grouped_mm(x, fc1, offs=offsets)
         if self.lora_delta is not None:
             mid = mid + self.lora_delta("fc1", x, offsets).to(mid.dtype)
@@ -87,6 +88,57 @@ class Gemma4Experts(SequentialMLP):
         if self.lora_delta is not None:
             out = out + self.lora_delta("fc2", act, offsets).to(out.dtype)
         return out
+
+
+    def stacked(self, linear: str) -> torch.Tensor:
+        """Every expert's `linear` weight as one [E, out, in] tensor whose gradient flows to each expert's parameter:
+        the shared storage itself when `pack_expert_weights` made the parameters its views, else a stacked copy."""
+        weights = [getattr(e, linear).weight for e in self.local_experts]
+        base = self._packed.get(linear) if hasattr(self, "_packed") else None
+        if base is not None and _views_of(base, weights):
+            return _PackedWeights.apply(_Holder(base), *weights)
+        return torch.stack(weights)
+
+
+class _Holder:
+    """Carries a tensor into an autograd Function without making it an input."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class _PackedWeights(torch.autograd.Function):
+    """The packed storage as the stack of its per-expert views (no copy); the gradient splits back per expert."""
+
+    @staticmethod
+    def forward(ctx, holder: _Holder, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return holder.tensor.view(holder.tensor.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        return (None, *grad.unbind(0))
+
+
+def _views_of(base: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether weights[e] is still base[e] (a parameter replaced or moved since packing breaks it)."""
+    step = base[0].numel() * base.element_size()
+    return all(w.data_ptr() == base.data_ptr() + e * step and w.shape == base.shape[1:] and w.is_contiguous()
+               for e, w in enumerate(weights))
+
+
+def pack_expert_weights(model: torch.nn.Module) -> None:
+    """Re-seat every expert's weights as views of one [E, out, in] tensor per linear, so the grouped path reads them
+    without stacking a copy each forward (values, names and the state dict unchanged)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Gemma4Experts):
+                module._packed = {}
+                for linear in ("linear_fc1", "linear_fc2"):
+                    params = [getattr(e, linear).weight for e in module.local_experts]
+                    base = torch.stack([p.detach() for p in params])
+                    for e, p in enumerate(params):
+                        p.data = base[e]
+                    module._packed[linear] = base
 
 
 def gated_activation(mid: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
