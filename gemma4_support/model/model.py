@@ -67,6 +67,7 @@ class Gemma4Model(MegatronModule):
         self.embedding = Gemma4Embedding(config, spec.vocab_size, spec.pad_token_id)
         self.rotary = RotaryPair(spec)
         self.decoder = Gemma4Decoder(config, spec, backend, tp_size)
+        self.tp_size = tp_size
         self.output_layer = ColumnParallelLinear(
             config.hidden_size, spec.vocab_size, config=config, init_method=config.init_method, bias=False,
             gather_output=True, skip_weight_param_allocation=spec.tie_word_embeddings,
@@ -93,6 +94,14 @@ class Gemma4Model(MegatronModule):
         for layer in self.decoder.layers:
             hidden = layer(hidden, rotary[layer.layer.layer_type], masks.lookup(layer.window))
         return self.decoder.final_layernorm(hidden)
+
+    def head_weight(self) -> torch.Tensor | None:
+        """The [vocab, h] output weight when `logits` is exactly softcap(hidden @ weightᵀ) (one tensor-parallel rank,
+        no bias, no hook on the output layer), else None: what a fused log-prob may use in place of `logits`."""
+        layer = self.output_layer
+        if self.tp_size > 1 or getattr(layer, "bias", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        return self.embedding.word_embeddings.weight if self.spec.tie_word_embeddings else layer.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., h] (any leading shape) -> softcapped logits [..., vocab] in the model's dtype."""

@@ -52,9 +52,11 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         return [jsonable(v) for v in value]
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, (str, int, bool)) or value is None:
+        return float(value) if math.isfinite(value) else str(value)
+    if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, (str, int)):  # exact types: subclasses (torch's TorchVersion, IntEnum) cannot cross xdist
+        return str(value) if isinstance(value, str) else int(value)
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "tolist"):  # torch / numpy
