@@ -47,8 +47,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--gemma4-dtype", default=None, choices=("float32", "bfloat16"),
                     help="precision of the mismatch stage against --vllm-url (the server's --dtype; default bfloat16); "
                          "without --vllm-url the stage runs float32 and bfloat16 on the fixtures")
+    group.addoption("--trainability-publish", default="auto", choices=("auto", "lora", "merged"),
+                    help="how the trainability loop serves each step's policy: vLLM runtime LoRA loading, or merged "
+                         "weights reloaded in place / restarted (default auto: lora for dense, merged for MoE)")
     group.addoption("--gemma4-run-dir-file", default=None, metavar="FILE",
                     help="write this run's report folder to FILE when the session ends (gemma4-validate reads it)")
+    group.addoption("--throughput-tokens", type=int, default=8192, metavar="N",
+                    help="tokens per step of the GPU throughput test (one packed row of two documents; HF: 2 x N/2)")
+    group.addoption("--throughput-layers", type=int, default=6, metavar="N",
+                    help="layers of the GPU throughput test's model (the 26B-A4B shapes, or --gemma4-model's config, "
+                         "cut to N; it must end on a full layer)")
 
 
 def _is_worker(config: pytest.Config) -> bool:

@@ -32,17 +32,15 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from gemma4_support.config.families import truncate_config  # noqa: E402
 from gemma4_support.config.spec import load_spec  # noqa: E402
-from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights  # noqa: E402
 from gemma4_support.metrics import evaluate  # noqa: E402
-from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.hf_checkpoints import random_hf_model  # noqa: E402,F401 - also scripts/gpu/flex_vs_dense_gpu.py's
 from validation.parity import (  # noqa: E402
     backward_metrics, forward_metrics, fp32_floor_metrics, fp32_gates, hf_side, load_hf_reference,
     low_precision_metrics, megatron_side, packed_lengths, random_row,
 )
+from validation.throughput import cut_config, megatron_from  # noqa: E402
 from validation.thresholds import (  # noqa: E402
     HF_PARITY_GRAD_RESOLVED, HF_PARITY_GRAD_SMALL, ROUTER_TIE_MARGIN, hf_parity_forward_bf16,
 )
@@ -50,14 +48,8 @@ from validation.thresholds import (  # noqa: E402
 
 def cut_26b_config(vocab: int, small: bool) -> dict:
     """The 26B-A4B text config cut to 6 layers (5 sliding + 1 full); `small` shrinks widths for a CPU smoke run."""
-    from fixtures.configs import real_config
-
-    cfg = truncate_config(real_config("26B-A4B"), 6)
-    cfg.update(vocab_size=vocab, max_position_embeddings=8192, architectures=["Gemma4ForCausalLM"])
-    if small:
-        cfg.update(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1,
-                   head_dim=64, global_head_dim=128, intermediate_size=96, num_experts=16, top_k_experts=4,
-                   moe_intermediate_size=32, sliding_window=8)
+    cfg = cut_config(small=small, vocab=vocab, window=8 if small else None)
+    cfg.update(max_position_embeddings=8192, architectures=["Gemma4ForCausalLM"])
     return cfg
 
 
@@ -67,14 +59,6 @@ def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 ATTENTION = "dense"  # --attention: the recorded table (docs/gpu_hf_parity.md) used the dense backend
-
-
-def megatron_from(hf_model: torch.nn.Module, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Build the megatron-core model for the HF model's config and stream its weights in through the table."""
-    spec = load_spec(hf_model.config.to_dict())
-    model = build_model(spec, dtype=dtype, device=device, attention=ATTENTION)
-    load_hf_weights(model, TensorDict(dict(hf_model.state_dict())))
-    return model
 
 
 def cast_hf_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -104,7 +88,7 @@ def fp32_case(hf_model: torch.nn.Module, batch, device: str):
     ref = hf_side(hf_model, batch, backward=True)
     ref.grads = to_cpu(ref.grads)
     hf_model.zero_grad(set_to_none=True)
-    model = megatron_from(hf_model, torch.float32, device)
+    model = megatron_from(hf_model, torch.float32, device, ATTENTION)
     cand = megatron_side(model, batch, backward=True, replay=ref.routing)
     cand.grads = to_cpu(cand.grads)
     del model
@@ -125,7 +109,7 @@ def bf16_case(hf_model: torch.nn.Module, ref, batch, device: str) -> dict[str, f
     """HF bf16 (the same model cast) and Megatron bf16, both with the fp32 run's routing imposed, against `ref`."""
     with torch.no_grad():
         hf = hf_side(hf_model, batch, backward=False, replay=ref.routing)
-        model = megatron_from(hf_model, torch.bfloat16, device)
+        model = megatron_from(hf_model, torch.bfloat16, device, ATTENTION)
         cand = megatron_side(model, batch, backward=False, replay=ref.routing)
     del model
     _free(device)

@@ -29,7 +29,8 @@ from gemma4_support.logprobs import score_row  # noqa: E402
 from gemma4_support.loss import policy_loss  # noqa: E402
 from gemma4_support.packing import pack  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
-from scoring_memory import GiB, build, cut_config, measure  # noqa: E402
+from scoring_memory import GiB, build, measure  # noqa: E402
+from validation.throughput import cut_config  # noqa: E402
 
 FULL_ROW = [(1024, [768] * 4), (1024, [704] * 4), 256]  # two GRPO groups of 4 completions + one document: 8,192
 SMALL_ROW = [(64, [48] * 4), (64, [48] * 4), 64]  # 576 tokens
@@ -46,7 +47,7 @@ def main() -> int:
     layout = SMALL_ROW if args.small else FULL_ROW
     geometry = pack(layout)
     set_runtime(RuntimeConfig(packing_capacity=geometry.length))
-    cfg = cut_config(args.small)
+    cfg = cut_config(small=args.small)
     attention = args.attention or ("dense" if args.small else "auto")
     model, adapters = build(cfg, attention, device, seed=0)
     model.train()

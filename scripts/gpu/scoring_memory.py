@@ -50,46 +50,19 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from gemma4_support.config.families import truncate_config  # noqa: E402
 from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.logprobs import chunked_logprobs, score_row  # noqa: E402
 from gemma4_support.lora import LoraConfig, attach_lora  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.packing import pack  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.throughput import cut_config, normal_init_  # noqa: E402
 
 GiB = 2 ** 30
 TOP_K = 20
 REPS = 3
 FULL_ROW = [(2048, [3072, 3072, 2048]), 6144]  # 16,384 tokens
 SMALL_ROW = [(64, [96, 96, 64]), 192]  # 512 tokens
-
-
-def cut_config(small: bool) -> dict:
-    """The 26B-A4B text config cut to 6 layers, real vocabulary; `small` shrinks widths and vocab for a CPU smoke run."""
-    from fixtures.configs import real_config
-
-    cfg = truncate_config(real_config("26B-A4B"), 6)
-    if small:
-        cfg.update(vocab_size=4096, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   num_global_key_value_heads=1, head_dim=64, global_head_dim=128, intermediate_size=96,
-                   num_experts=16, top_k_experts=4, moe_intermediate_size=32, sliding_window=64)
-    return cfg
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Random weights: every 2-D parameter ~ N(0, 0.02²), 1-D parameters (norms, router scales) and buffers named
-    `layer_scalar` set to 1."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.fill_(1.0)
 
 
 def sync(device: str) -> None:
@@ -142,7 +115,7 @@ def build(cfg: dict, attention: str, device: str, seed: int) -> tuple[torch.nn.M
     """The bf16 model with random weights and a random LoRA attached (eval mode)."""
     spec = load_spec(cfg)
     model = build_model(spec, dtype=torch.bfloat16, device=device, attention=attention)
-    randomize_(model, seed)
+    normal_init_(model, seed)
     model.eval()
     adapters = attach_lora(model, LoraConfig(rank=16, alpha=32, init="random", b_std=0.01))
     return model, adapters
@@ -253,7 +226,7 @@ def main() -> int:
     device = args.device or ("cpu" if args.small else "cuda")
     attention = args.attention or ("auto" if device == "cuda" else "dense")
     chunks = [int(c) for c in (args.chunks or ("128,256" if args.small else "1024,4096")).split(",")]
-    cfg = cut_config(args.small)
+    cfg = cut_config(small=args.small)
     geometry = pack(SMALL_ROW if args.small else FULL_ROW)
     L = geometry.length
     if not args.small and L != 16384:

@@ -1,0 +1,199 @@
+"""Benchmark (stage throughput, issue 12): our Megatron trainer against HF transformers on one GPU.
+
+Default: `validation.throughput.run` on the 26B-A4B shapes cut to --layers (6: 5 sliding + 1 full), vocabulary
+262,144, bf16, --tokens (8,192) a step as one packed row of two documents (HF: the same tokens as 2 x 4,096), random
+weights drawn once: our train step (every parameter), scoring forward, LoRA r16 step and LoRA scoring against HF's
+train step (sdpa, each experts implementation, the fastest kept) and forward; tok/s, peak memory, FLOPs per token,
+MFU against a bf16 8192^3 matmul measured in the same run, the top 15 CUDA kernels of one train step, and the
+stage's GPU gates (validation/thresholds.py) evaluated on the numbers.
+
+--full-depth-lora: the whole 30-layer 26B-A4B shapes. Ours: LoRA r16 on every projection and every expert, AdamW on
+the adapters, each decoder layer recomputed in backward, one packed row of 16,384 tokens (four documents of 4,096).
+HF + PEFT: LoRA r16 on q/k/v/o and the dense MLP (PEFT cannot adapt HF's fused expert tensors), gradient
+checkpointing, AdamW, the same tokens as 4 x 4,096. tok/s and peak memory side by side; PEFT is imported lazily (a
+machine without it records "peft not installed"). Same weights on both sides, one model on the GPU at a time.
+
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+  python3 benchmarks/throughput_gpu.py --out "$OUT"                       # one GPU
+  python3 benchmarks/throughput_gpu.py --out "$OUT" --full-depth-lora     # ~47 GiB of bf16 weights: an H200
+  .venv/bin/python benchmarks/throughput_gpu.py --small --out /tmp/tp     # CPU smoke run (tiny widths, fp32, 1 thread)
+Writes throughput_gpu.{json,md} (or throughput_full_depth_lora.{json,md}) into --out and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from gemma4_support.config.spec import load_spec  # noqa: E402
+from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora  # noqa: E402
+from gemma4_support.metrics import evaluate  # noqa: E402
+from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.throughput import (  # noqa: E402
+    Workload, allocated_gib, cut_config, describe, expert_path, flop_per_token, free, hf_model, hf_train_step,
+    lora_flop_per_token, matmul_ceiling, measure, megatron_model, packed_documents, random_state, run,
+    set_hf_experts, train_step,
+)
+from validation.thresholds import throughput_gates  # noqa: E402
+
+PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fmt(x: object, spec: str) -> str:
+    """A number formatted, or "-"."""
+    return "-" if x is None else format(x, spec)
+
+
+def table(measurements: dict[str, dict]) -> str:
+    """The markdown table of measurement records."""
+    lines = ["| measurement | status | median s | tok/s | peak GiB | TFLOP/s | MFU | loss |", "|---" * 8 + "|"]
+    for name, r in measurements.items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')}: {r.get('error', '')[:120]} | - | - | - | - | - | - |")
+            continue
+        lines.append(f"| {name} | ok | {r['seconds']:.4f} | {r['tok_per_s']:,.0f} | {fmt(r['peak_gib'], '.2f')} | "
+                     f"{r['achieved_tflops']:.2f} | {fmt(r['mfu'], '.3f')} | {fmt(r.get('loss'), '.5f')} |")
+    return "\n".join(lines)
+
+
+def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
+    """The default mode: validation.throughput.run, its GPU gates, and the markdown."""
+    small = args.small
+    cfg = cut_config(args.layers, small=small)
+    w = Workload(cfg, tokens=args.tokens or (256 if small else 8192), dtype="float32" if small else "bfloat16",
+                 device=device, attention="dense" if small else args.attention, seed=args.seed,
+                 warmup=1 if small else 2, reps=args.reps, chunk_tokens=128 if small else args.chunk_tokens,
+                 ceiling_n=1024 if small else 8192, expert_path=args.expert_path, hf=not args.no_hf)
+    result = run(w)
+    if args.no_hf:  # our variants only: the measurement table
+        return result, f"ours only (experts {result['ours']['expert_path']}, attention {w.attention})\n\n" + \
+            table(result["measurements"]) + "\n"
+    gates = evaluate({k: v for k, v in result["metrics"].items() if v is not None},
+                     throughput_gates(w.dtype, cuda=device == "cuda"))
+    result["gates"] = [g.to_dict() for g in gates]
+    met, c = result["metrics"], result["ceiling"]
+    ours = result["ours"]
+    md = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}; model "
+          f"{json.dumps(result['model'])}; {w.tokens} tokens a step ({result['documents']}), {w.dtype}; ours: "
+          f"attention {w.attention}, experts {ours['expert_path']}, weights {fmt(ours['weights_gib'], '.2f')} GiB; "
+          f"HF: sdpa, fastest experts implementation {result['hf']['experts_implementation']}; matmul ceiling "
+          f"{c['n']}^3 {c['dtype']}: {c['tflops']:.1f} TFLOP/s", "", table(result["measurements"]), "",
+          f"ratios (ours / HF tok/s): train {fmt(met['trainer_train_ratio_vs_hf'], '.3f')}, scoring vs HF forward "
+          f"{fmt(met['trainer_score_ratio_vs_hf_forward'], '.3f')}, LoRA train vs HF full train "
+          f"{fmt(met['trainer_lora_train_ratio_vs_hf_train'], '.3f')}; loss rel. diff vs HF "
+          f"{fmt(met['train_loss_rel_diff_vs_hf'], '.2e')}", "",
+          "FLOP/token (forward): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in result["flop_per_token"].items()), "",
+          "gates: " + "; ".join(g.describe() for g in gates)]
+    if result.get("top_kernels"):
+        md += ["", "| top CUDA kernels of one train step | ms | calls |", "|---|---|---|"]
+        md += [f"| `{k.get('name', k.get('error'))}` | {fmt(k.get('ms'), '.2f')} | {k.get('count', '-')} |"
+               for k in result["top_kernels"]]
+    return result, "\n".join(md) + "\n"
+
+
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Recompute each of our decoder layers in backward (activation checkpointing, set on the layer instances)."""
+    for layer in model.decoder.layers:
+        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+
+
+def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
+    """Our LoRA step at full depth vs HF + PEFT LoRA on the same weights and tokens: tok/s and peak memory."""
+    small = args.small
+    cfg = cut_config(6 if small else 30, small=small)
+    dtype = torch.float32 if small else torch.bfloat16
+    tokens = args.tokens or (256 if small else 16384)
+    spec = load_spec(cfg)
+    row = packed_documents(tokens, 4, spec.vocab_size, args.seed)
+    ids, row = row.input_ids.view(4, -1).to(device), row.to(device)
+    flops = flop_per_token(spec, tokens // 4)
+    ceiling = matmul_ceiling(device, torch.bfloat16 if device == "cuda" else dtype, 1024 if small else 8192)
+    go = functools.partial(measure, tokens=tokens, ceiling=ceiling["tflops"] * 1e12, device=device,
+                           warmup=1, reps=args.reps)
+    ours_lora = LoraConfig(rank=16, alpha=32)  # every projection and every expert; B = 0 (PEFT's init)
+    peft_lora = LoraConfig(rank=16, alpha=32, target_modules=ATTENTION_TARGETS + MLP_TARGETS, experts=False)
+    res = {"mode": "full_depth_lora", "model": describe(spec), "tokens": tokens, "documents": row.document_lengths(),
+           "dtype": str(dtype), "ceiling": ceiling, "flop_per_token": flops, "measurements": {}}
+    state = random_state(cfg, dtype, device, args.seed)
+
+    model = megatron_model(spec, state, dtype, device, "dense" if small else args.attention)
+    adapters = attach_lora(model, ours_lora)
+    checkpoint_layers(model)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
+    rec = go(train_step(model, row, list(adapters.parameters()), 1024, opt),
+             flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, ours_lora))
+    res["measurements"]["ours_lora_r16_all"] = {
+        **rec, "layout": f"one packed row of {tokens} ({row.document_lengths()})", "expert_path": expert_path(model),
+        "trainable_params": sum(p.numel() for p in adapters.parameters()), "activation_checkpointing": "per layer"}
+    del model, adapters, opt
+    free(device)
+
+    try:
+        import peft
+    except ImportError:
+        res["measurements"]["hf_peft_lora_r16"] = {"status": "skipped", "error": "peft not installed"}
+    else:
+        hf = hf_model(cfg, dtype, device, state)
+        set_hf_experts(hf, args.hf_experts)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                          target_modules=list(PEFT_TARGETS)))
+        trainable = [p for p in wrapped.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        rec = go(hf_train_step(wrapped, ids, opt),
+                 flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, peft_lora))
+        res["measurements"]["hf_peft_lora_r16"] = {
+            **rec, "layout": f"{ids.shape[0]} x {ids.shape[1]}", "experts_implementation": args.hf_experts,
+            "trainable_params": sum(p.numel() for p in trainable), "peft": peft.__version__,
+            "weights_gib": allocated_gib(device)}
+        del hf, wrapped, opt
+    free(device)
+    md = (f"{json.dumps(res['model'])}, {tokens} tokens a step, {dtype}; ours: LoRA r16 on every projection and "
+          f"expert, AdamW, per-layer recompute; HF + PEFT: LoRA r16 on q/k/v/o + dense MLP, gradient checkpointing, "
+          f"AdamW\n\n" + table(res["measurements"]) + "\n")
+    return res, md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny widths, fp32, dense attention")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens a step (default 8192; full-depth LoRA 16384)")
+    ap.add_argument("--layers", type=int, default=6, help="layers of the 26B-A4B cut (default mode)")
+    ap.add_argument("--full-depth-lora", action="store_true", help="30 layers, LoRA r16: ours vs HF + PEFT")
+    ap.add_argument("--attention", default="auto", help='our attention backend on CUDA (default "auto")')
+    ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation (full-depth LoRA mode)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--expert-path", default="grouped", choices=("grouped", "sequential"), help="our routed experts")
+    ap.add_argument("--chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (our steps)")
+    ap.add_argument("--no-hf", action="store_true", help="our measurements only (compare our own variants)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # 2 threads on a shared 2-core machine swing timings by up to 100x
+    set_runtime(RuntimeConfig(packing_capacity=args.tokens or 16384))
+    t0 = time.perf_counter()
+    result, md = (full_depth_lora if args.full_depth_lora else harness)(args, device)
+    result["wall_s"] = time.perf_counter() - t0
+    name = "throughput_full_depth_lora" if args.full_depth_lora else "throughput_gpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out / f"{name}.md").write_text(md)
+    print(md, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

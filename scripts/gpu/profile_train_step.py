@@ -1,0 +1,78 @@
+"""Where our train step's GPU time goes (issue 12): the throughput stage's train step on the 26B-A4B shapes cut to 6
+layers (8,192 tokens, bf16, every parameter trainable), profiled once — the top operators by self CUDA time with
+their input shapes — and timed at several log-prob chunk sizes (the chunk count is how many times the tied
+embedding's gradient is accumulated and how large the fp32 log-softmax block is).
+
+  python3 scripts/gpu/profile_train_step.py --out "$OUT"                 # on the GPU
+  .venv/bin/python scripts/gpu/profile_train_step.py --small --out /tmp/x  # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from gemma4_support.config.spec import load_spec  # noqa: E402
+from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.throughput import (cut_config, megatron_model, packed_documents, random_state, timed,  # noqa: E402
+                                   train_step)
+
+
+def top_ops(step, count: int) -> list[dict]:
+    """The `count` operators with the most self CUDA time in one profiled step, grouped by input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        us = getattr(e, "self_device_time_total", 0)
+        if us > 0 and e.key.startswith("aten::"):
+            rows.append({"op": e.key, "shapes": str(e.input_shapes)[:200], "ms": round(us / 1e3, 3), "calls": e.count})
+    return sorted(rows, key=lambda r: -r["ms"])[:count]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--chunks", default="1024,2048,4096,8192")
+    ap.add_argument("--top", type=int, default=40)
+    args = ap.parse_args()
+    device = "cpu" if args.small else "cuda"
+    tokens = 256 if args.small else 8192
+    set_runtime(RuntimeConfig(packing_capacity=tokens))
+    cfg = cut_config(6, small=args.small)
+    dtype = torch.float32 if args.small else torch.bfloat16
+    spec = load_spec(cfg)
+    model = megatron_model(spec, random_state(cfg, dtype, device, 0), dtype, device, "dense" if args.small else "auto")
+    row = packed_documents(tokens, 2, spec.vocab_size, 0).to(device)
+    params = list(model.parameters())
+    result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tokens": tokens,
+                    "chunk_tokens": {}}
+    for chunk in [int(c) for c in args.chunks.split(",")]:
+        rec, _ = timed(train_step(model, row, params, chunk), device, warmup=1, reps=3)
+        result["chunk_tokens"][chunk] = {"seconds": rec["seconds"], "tok_per_s": tokens / rec["seconds"],
+                                         "peak_gib": rec.get("peak_gib")}
+        print(f"chunk {chunk}: {rec['seconds']:.4f} s, {tokens / rec['seconds']:,.0f} tok/s, peak {rec.get('peak_gib')}",
+              flush=True)
+    if device == "cuda":
+        result["top_ops"] = top_ops(train_step(model, row, params, 1024), args.top)
+        for r in result["top_ops"]:
+            print(f"{r['ms']:8.2f} ms {r['calls']:5d}  {r['op']:<36} {r['shapes'][:120]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_train_step.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
