@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from gemma4_support.errors import PackingError
+from gemma4_support.fused import compiled_enabled, cuda_compiled
 from gemma4_support.packing import PackedRow
 
 __all__ = ["TokenLogprobs", "chunked_logprobs", "label_logprobs", "score_row"]
@@ -61,10 +62,11 @@ def chunked_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
     return TokenLogprobs(*cols) if top_k else TokenLogprobs(cols[0])
 
 
+@cuda_compiled
 def _head_chunk(z: torch.Tensor, labels: torch.Tensor, softcap: float | None, train: bool
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits z [c, V] (the model's dtype, before the softcap) and labels [c] -> log p(label) [c] (fp32) and, when
-    training, d log p(label) / dz [c, V] in z's dtype. Elementwise only (fused into a few kernels on CUDA)."""
+    training, d log p(label) / dz [c, V] in z's dtype. Elementwise only (one compiled kernel on CUDA)."""
     t = torch.tanh(z / softcap) if softcap else None  # the model's own rounding: the softcap in its dtype
     zc = (t * softcap if softcap else z).float()
     lse = torch.logsumexp(zc, dim=-1, keepdim=True)
@@ -78,18 +80,6 @@ def _head_chunk(z: torch.Tensor, labels: torch.Tensor, softcap: float | None, tr
     return picked, grad.to(z.dtype)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def _head_chunk_fn(device: torch.device) -> Callable:
-    """`_head_chunk`, compiled on CUDA (one pass over a chunk's logits instead of about ten), eager elsewhere."""
-    if device.type != "cuda":
-        return _head_chunk
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(_head_chunk, dynamic=False)
-    return _COMPILED["cuda"]
-
-
 class _LabelLogprobs(torch.autograd.Function):
     """log p(label) under logits = softcap(hidden @ weightᵀ), chunked; backward from the stored per-unit gradient."""
 
@@ -97,12 +87,11 @@ class _LabelLogprobs(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,  # noqa: ANN001
                 chunk: int) -> torch.Tensor:
         train = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        head = _head_chunk_fn(hidden.device)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         unit = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device) if train else None
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
-            picked, grad = head(hidden[start:end] @ weight.t(), labels[start:end], softcap, train)
+            picked, grad = _head_chunk(hidden[start:end] @ weight.t(), labels[start:end], softcap, train)
             out[start:end] = picked
             if train:
                 unit[start:end] = grad
@@ -144,7 +133,8 @@ def score_row(model: torch.nn.Module, row: PackedRow, *, top_k: int = 0, chunk_t
     with context:
         hidden = model.hidden_states(*row.model_inputs(), branch_ids=row.batched_branch_ids())
     head = model.head_weight() if hasattr(model, "head_weight") else None
-    if top_k == 0 and head is not None and torch.is_grad_enabled():
+    # The fused path under gradients everywhere, and for plain scoring where its chunk is compiled (CUDA).
+    if top_k == 0 and head is not None and (torch.is_grad_enabled() or (hidden.is_cuda and compiled_enabled())):
         return TokenLogprobs(label_logprobs(hidden[:, 0], head, row.labels, softcap=model.softcap,
                                             chunk_tokens=chunk_tokens))
     return chunked_logprobs(hidden[:, 0], model.logits, row.labels, top_k=top_k, chunk_tokens=chunk_tokens)

@@ -317,12 +317,17 @@ def test_flex_backend_through_build(model, gemma4_model_dir, depth, stage_report
         flex(ids.repeat(2, 1), pos.repeat(2, 1), doc.repeat(2, 1))
 
 
-def test_auto_backend_keeps_wide_heads_dense() -> None:
-    """On CUDA, `auto` plans flex for head dims up to 256 and keeps Gemma 4's 512-wide global heads dense
-    (their flex kernel does not fit the H200's shared memory in bf16: docs/gpu_flex_attention.md)."""
+def test_auto_backend_plans_flex_with_wide_head_tiles() -> None:
+    """On CUDA, `auto` plans flex for every window, Gemma 4's 512-wide global heads with smaller kernel tiles (flex's
+    default tiles do not fit Hopper's shared memory at head dim 512: docs/gpu_flex_attention.md)."""
+    import torch
+
     from fixtures.configs import real_config
+    from gemma4_support.attention.block_masks import kernel_options
     from gemma4_support.config.spec import load_spec
 
     spec = load_spec(real_config("26B-A4B"))
-    assert attention_backend("auto", spec, "cuda").block_sizes == {1024: 128, None: None}
+    assert attention_backend("auto", spec, "cuda").block_sizes == {1024: 128, None: 64}
     assert attention_backend("flex", spec, "cuda").block_sizes == {1024: 128, None: 64}
+    assert kernel_options(256, torch.bfloat16) is None
+    assert kernel_options(512, torch.bfloat16)["BLOCK_M"] == 32 and kernel_options(512, torch.float32)["BLOCK_M"] == 16

@@ -9,10 +9,8 @@ Registry (`attention_backend(name, spec, device)`):
 `dense`: boolean masks and eager attention (`core.attend`) — the reference, runs everywhere.
 `flex`: BlockMasks planned from the row's geometry and `flex_attention` — runs compiled, with backward, on
 CUDA; on CPU torch's flex is eager and forward-only, so training there stays dense.
-`auto`: flex on CUDA for head dims up to 256, dense elsewhere and for larger heads: on the H200 (torch 2.11)
-compiled flex_attention for Gemma 4's 512-wide global heads needs 264,192 bytes of shared memory in bf16 and
-fails to compile ("out of resource", limit 232,448); see docs/gpu_flex_attention.md. Windows whose layers
-have such heads stay dense under flex (routed around, per window, not failed).
+`auto`: flex on CUDA, dense elsewhere. Gemma 4's 512-wide global heads run flex with smaller kernel tiles
+(`block_masks.kernel_options`: flex's default tiles need more shared memory than Hopper has at head dim 512).
 Context parallelism wraps either (`gemma4_support.parallel.cp_attention.ContextParallelBackend`).
 """
 from __future__ import annotations
@@ -31,7 +29,6 @@ from gemma4_support.config.spec import ModelSpec
 from gemma4_support.errors import Gemma4Error
 from gemma4_support.packing import PackedRow
 
-FLEX_MAX_AUTO_HEAD_DIM = 256
 
 
 def attend_any(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
@@ -117,7 +114,7 @@ def flex_backend(spec: ModelSpec, dense_head_dims: Iterable[int] = ()) -> FlexBa
 def _auto(spec: ModelSpec, device: torch.device) -> AttentionBackend:
     if device.type != "cuda":
         return DenseBackend()
-    return flex_backend(spec, {l.head_dim for l in spec.layers if l.head_dim > FLEX_MAX_AUTO_HEAD_DIM})
+    return flex_backend(spec)
 
 
 BACKENDS: dict[str, Callable[[ModelSpec, torch.device], AttentionBackend]] = {

@@ -244,13 +244,33 @@ def prepare_block_masks(
     return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind="block")
 
 
+# Kernel tiles for heads wider than 256 on CUDA: flex's default tiles need more shared memory than Hopper has at head
+# dim 512 (264,192 bytes in bf16 against 232,448). Measured on the H100 (scripts/gpu/global_attention_gpu.py, 16 heads,
+# 8,192 tokens, bf16): forward 32 x 32 tiles 5.0 ms, backward 16 x 16 tiles ~29 ms; the dense reference 18.8 / 43 ms.
+# fp32 doubles every tile's bytes, so it takes 16 x 16 tiles in the forward too.
+WIDE_HEAD_KERNEL_OPTIONS: dict[torch.dtype, dict[str, int]] = {
+    torch.bfloat16: {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4,
+                     "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
+    torch.float32: {"BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "num_warps": 4,
+                    "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
+}
+
+
+def kernel_options(head_dim: int, dtype: torch.dtype) -> dict[str, int] | None:
+    """flex's kernel tiles for a head dim and dtype on CUDA (None: flex's own choice, for heads up to 256)."""
+    if head_dim <= 256:
+        return None
+    return WIDE_HEAD_KERNEL_OPTIONS.get(dtype, WIDE_HEAD_KERNEL_OPTIONS[torch.float32])
+
+
 def flex_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float = 1.0
 ) -> torch.Tensor:
     """flex_attention over [B, heads, S, D] tensors (GQA when kv heads differ); eager on CPU, compiled on CUDA."""
     gqa = q.shape[1] != k.shape[1]
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                                kernel_options=kernel_options(q.shape[-1], q.dtype))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)

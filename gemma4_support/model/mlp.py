@@ -17,10 +17,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from gemma4_support.errors import ConfigError
+from gemma4_support.fused import cuda_compiled
 from gemma4_support.model.router import Gemma4Router
 
 __all__ = ["EXPERT_PATHS", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "pack_expert_weights",
-           "set_expert_path"]
+           "set_expert_path", "weighted_sum"]
 
 EXPERT_PATHS = ("grouped", "sequential")
 # LoRA on the grouped path: (which linear: "fc1" | "fc2", expert-sorted input [N, in], group offsets) -> delta [N, out]
@@ -59,17 +60,14 @@ class Gemma4Experts(SequentialMLP):
             # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
             # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
             out, _ = self(x, tokens_per_expert, torch.ones_like(flat, dtype=weights.dtype))
-        out = (out * weights.reshape(-1)[order][:, None]).to(hidden.dtype)
         # Back to one row per (token, slot), each token's slots in expert order (one index_put, no gather), then the
-        # k outputs added one at a time in that order, as HF adds them (one index_add_ per expert): the same
-        # roundings in bf16, and no atomics (a fixed order on CUDA too).
-        rank = indices.argsort(dim=-1, stable=True).argsort(dim=-1).reshape(-1)  # a slot's place in expert order
+        # k outputs weighted and added one at a time in that order, as HF adds them (one index_add_ per expert): the
+        # same roundings in bf16, and no atomics (a fixed order on CUDA too).
+        slot_order = indices.argsort(dim=-1, stable=True)  # [T, k]: the slot holding each token's j-th expert
+        rank = slot_order.argsort(dim=-1).reshape(-1)  # a slot's place in expert order
         per_slot = torch.empty_like(out)
         per_slot[(order // top_k) * top_k + rank[order]] = out
-        combined = torch.zeros_like(hidden)
-        for part in per_slot.view(tokens, top_k, -1).unbind(1):
-            combined = combined + part
-        return combined
+        return weighted_sum(per_slot.view(tokens, top_k, -1), weights.gather(1, slot_order))
 
     def _grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Expert-sorted tokens [N, h] with cumulative group ends `offsets` [E] -> expert outputs [N, h]."""
@@ -139,6 +137,16 @@ def pack_expert_weights(model: torch.nn.Module) -> None:
                     for e, p in enumerate(params):
                         p.data = base[e]
                     module._packed[linear] = base
+
+
+@cuda_compiled
+def weighted_sum(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """outputs [T, k, h], weights [T, k] -> sum over j of round(outputs[:, j] * weights[:, j]), added in order j = 0..k-1
+    in outputs' dtype (HF's per-expert multiply and index_add_, as one region)."""
+    total = torch.zeros_like(outputs[:, 0])
+    for j in range(outputs.shape[1]):
+        total = total + (outputs[:, j] * weights[:, j, None]).to(outputs.dtype)
+    return total
 
 
 def gated_activation(mid: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

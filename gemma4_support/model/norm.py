@@ -4,6 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gemma4_support.fused import cuda_compiled
+
+
+@cuda_compiled
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) [* weight] over the last dimension, in fp32, cast back to x's dtype."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
 
 class Gemma4RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) [* weight], in fp32, cast back to the input dtype."""
@@ -18,8 +30,5 @@ class Gemma4RMSNorm(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
-        x = hidden.float()
-        out = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.with_scale:
-            out = out * self.weight.float()
-        return out.type_as(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # one compiled graph per width, whatever the leading dims
+        return rms_norm(flat, self.weight if self.with_scale else None, self.eps).view(hidden.shape)

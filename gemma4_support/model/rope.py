@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gemma4_support.config.spec import FULL, SLIDING, ModelSpec, RopeSpec
+from gemma4_support.fused import cuda_compiled
 
 
 def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -41,6 +42,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@cuda_compiled
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [s, b, heads, d] by the tables (cast to x's dtype first, as HF does)."""
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)

@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
-from validation.throughput import (cut_config, megatron_model, packed_documents, random_state, timed,  # noqa: E402
-                                   train_step)
+from validation.throughput import (cut_config, megatron_model, packed_documents, random_state, score_step,  # noqa: E402
+                                   timed, train_step)
 
 
-def top_ops(step, count: int) -> list[dict]:
+def top_ops(step, count: int, prefix: str = "aten::") -> list[dict]:
     """The `count` operators with the most self CUDA time in one profiled step, grouped by input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -36,7 +36,7 @@ def top_ops(step, count: int) -> list[dict]:
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
         us = getattr(e, "self_device_time_total", 0)
-        if us > 0 and e.key.startswith("aten::"):
+        if us > 0 and e.key.startswith(prefix):
             rows.append({"op": e.key, "shapes": str(e.input_shapes)[:200], "ms": round(us / 1e3, 3), "calls": e.count})
     return sorted(rows, key=lambda r: -r["ms"])[:count]
 
@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--chunks", default="1024,2048,4096,8192")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--step", default="train", choices=("train", "score"), help="the train step or the scoring forward")
     args = ap.parse_args()
     device = "cpu" if args.small else "cuda"
     tokens = 256 if args.small else 8192
@@ -59,18 +60,22 @@ def main() -> int:
     params = list(model.parameters())
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tokens": tokens,
                     "chunk_tokens": {}}
+    def step(chunk: int):  # noqa: ANN202
+        return train_step(model, row, params, chunk) if args.step == "train" else score_step(model, row, chunk)
+
+    result["step"] = args.step
     for chunk in [int(c) for c in args.chunks.split(",")]:
-        rec, _ = timed(train_step(model, row, params, chunk), device, warmup=1, reps=3)
+        rec, _ = timed(step(chunk), device, warmup=1, reps=3)
         result["chunk_tokens"][chunk] = {"seconds": rec["seconds"], "tok_per_s": tokens / rec["seconds"],
                                          "peak_gib": rec.get("peak_gib")}
         print(f"chunk {chunk}: {rec['seconds']:.4f} s, {tokens / rec['seconds']:,.0f} tok/s, peak {rec.get('peak_gib')}",
               flush=True)
     if device == "cuda":
-        result["top_ops"] = top_ops(train_step(model, row, params, 1024), args.top)
+        result["top_ops"] = top_ops(step(1024), args.top)
         for r in result["top_ops"]:
             print(f"{r['ms']:8.2f} ms {r['calls']:5d}  {r['op']:<36} {r['shapes'][:120]}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_train_step.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"profile_{args.step}_step.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
