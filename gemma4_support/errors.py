@@ -1,7 +1,8 @@
 """Errors the suite raises for bad input: one readable line naming the problem and the fix."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 
 class Gemma4Error(Exception):
@@ -51,3 +52,26 @@ def require_positive_ints(values: Mapping[str, object], error: type[Gemma4Error]
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise error(f"{what} {name}={value!r} is not a positive integer", fix.format(name=name))
+
+
+E = TypeVar("E", bound=Gemma4Error)
+SHOWN_PROBLEMS = 40  # listed one by one; any beyond are counted
+
+
+def combined(problems: Sequence[Gemma4Error], error: type[E], where: str, *, one_line: bool) -> E:
+    """One `error` naming `where` and every problem found there, each with its fix: joined on one line, or one
+    line each (the problems stay on the error as `.problems`)."""
+    if len(problems) == 1:
+        out = error(f"{where}: {problems[0].problem}", problems[0].fix)
+    else:
+        sep = " — fix: " if not one_line else " (fix: "
+        end = "" if not one_line else ")"
+        lines = [f"{p.problem}{sep}{p.fix}{end}" if p.fix else p.problem for p in problems[:SHOWN_PROBLEMS]]
+        if len(problems) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more")
+        if one_line:
+            out = error(f"{where} has {len(problems)} problems: " + "; ".join(lines), "correct each one named")
+        else:
+            out = error(f"{where} has {len(problems)} problems:" + "".join(f"\n  {line}" for line in lines))
+    out.problems = list(problems)
+    return out

@@ -9,6 +9,22 @@ import pytest
 from gemma4_support.config.spec import ModelSpec, load_spec
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a bad --gemma4-model before any stage (and before a run folder exists): every config and checkpoint
+    problem on its own line, pytest's usage error (exit 4; gemma4-validate exits 2)."""
+    from gemma4_support.convert.preflight import preflight
+    from gemma4_support.errors import Gemma4Error
+
+    given = config.getoption("--gemma4-model", None)
+    if not given or hasattr(config, "workerinput") or config.option.help:
+        return
+    try:
+        preflight(Path(given))
+    except Gemma4Error as exc:
+        raise pytest.UsageError(f"--gemma4-model: {exc}") from None
+
+
 @pytest.fixture(scope="session")
 def gemma4_model_dir(pytestconfig: pytest.Config) -> Path:
     """The HF checkpoint under test: --gemma4-model, else the embedded tiny MoE fixture."""

@@ -219,6 +219,22 @@ def test_unreadable_config_files(tmp_path):
         load_spec(tmp_path)
 
 
+def test_window_is_read_against_max_position_embeddings():
+    """A window up to max_position_embeddings (HF's 131,072 when absent) is accepted; one key more is refused."""
+    config = real_config("26B-A4B")
+    config.update(sliding_window=262_144)
+    assert load_spec(config).sliding_window == 262_144
+    config.update(sliding_window=262_145)
+    with pytest.raises(ConfigError, match="sliding_window=262145 exceeds max_position_embeddings=262144"):
+        load_spec(config)
+    del config["max_position_embeddings"]
+    config.update(sliding_window=131_072)
+    assert load_spec(config).max_position_embeddings == 131_072
+    config.update(sliding_window=131_073)
+    with pytest.raises(ConfigError, match="exceeds max_position_embeddings=131072"):
+        load_spec(config)
+
+
 def test_truncation_refuses_to_end_on_sliding():
     with pytest.raises(ConfigError, match="truncation_depth"):
         truncate_config(real_config("26B-A4B"), 3)
@@ -264,7 +280,7 @@ def search_configs(draw: st.DrawFn) -> tuple[dict, str | None, int]:
         num_attention_heads=heads, num_key_value_heads=draw(st.sampled_from(divisors)),
         head_dim=draw(st.sampled_from([16, 32, 64])), global_head_dim=draw(st.sampled_from([16, 32, 64, 128])),
         attention_k_eq_v=draw(st.booleans()), num_global_key_value_heads=draw(st.sampled_from([None, *divisors])),
-        sliding_window=draw(st.sampled_from([1, 2, 3, 4, 7, 4096])),
+        sliding_window=draw(st.sampled_from([1, 2, 3, 4, 7, 1024])),  # 1024: the tiny max_position_embeddings
         final_logit_softcapping=draw(st.sampled_from([None, 30.0, 3.0])), tie_word_embeddings=draw(st.booleans()),
         hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu", "silu", "relu"])),
         rms_norm_eps=draw(st.sampled_from([1e-6, 1e-2])), rope_parameters=draw(st.sampled_from(ROPES)),

@@ -43,7 +43,7 @@ CASES = {
     "pattern_all_full": ({"num_hidden_layers": 2, "layer_types": [F, F]}, None),
     "pattern_trailing_sliding": ({"num_hidden_layers": 4, "layer_types": [S, F, S, S]}, None),
     "window_3": ({"sliding_window": 3}, None),
-    "window_4096": ({"sliding_window": 4096}, 64),
+    "window_4096": ({"sliding_window": 4096, "max_position_embeddings": 4096}, 64),
     "head_widths_k_eq_v": ({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 64,
                             "num_global_key_value_heads": 2}, None),
     "global_kv_ignored_without_k_eq_v": ({"num_attention_heads": 4, "attention_k_eq_v": False,

@@ -72,6 +72,18 @@ HF_PARITY_ROUTER_FP32 = (
     Gate("router_weight_max_abs", "<=", 1e-5),
 )
 
+# The regions compiled on CUDA (gemma4_support/fused.py: RMSNorm, RoPE, the experts' weighted sum, the head's
+# log-prob chunk) against their eager bodies, compiled here on the CPU with the same options, bf16 inputs: inductor
+# keeps every eager rounding (emulate_precision_casts), so the elementwise regions are equal bit for bit (measured 0.0);
+# the head's fp32 logsumexp may sum in another order (measured 3.8e-6 nats at |logit| ~ 30).
+FUSED_REGIONS_BF16 = (
+    Gate("rms_norm_max_abs", "==", 0.0),
+    Gate("rope_max_abs", "==", 0.0),
+    Gate("weighted_sum_max_abs", "==", 0.0),
+    Gate("head_logprob_max_abs", "<=", 2e-5),
+    Gate("head_grad_max_abs", "<=", 1e-3),
+)
+
 # --- stage_discovery (issue 2): our per-layer resolution must equal HF transformers' exactly ---------
 DISCOVERY_AGREEMENT = (
     Gate("layer_count_diff", "==", 0),
@@ -90,6 +102,10 @@ DISCOVERY_PARITY_SEARCH = (
     Gate("refused", ">=", 25),
     Gate("refused_fields", ">=", 7),  # every field the search plants (test_discovery.REFUSAL_TRIGGERS) was refused
 )
+# One validation pass at the door (issue 13): hypothesis mutates config.json (field types, ranges, structure, bytes);
+# `gemma4-validate discover` exits 0, or 2 with one line naming the problem, never a traceback or a crash.
+DISCOVERY_CONFIG_FUZZ = (Gate("examples", ">=", 200), Gate("failures", "==", 0), Gate("refused", ">=", 100),
+                         Gate("accepted", ">=", 5))
 
 # --- stage_tokenization (issue 5): RL sequences must carry exactly what vLLM sampled, in its context -----
 # Live plain chat on an append-only template: every prompt equals the library's render+tokenize, the

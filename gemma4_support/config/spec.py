@@ -8,24 +8,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma4_support.config.check import check_config
+from gemma4_support.config.hf_fields import (
+    DEFAULT_ACTIVATION, DEFAULT_GLOBAL_HEAD_DIM, DEFAULT_MAX_POSITIONS, DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE, FULL,
+    SLIDING, TEXT_MODEL_TYPE, WRAPPER_MODEL_TYPE, default_layer_types,
+)
 from gemma4_support.config.scope import per_layer_overrides, refuse_out_of_scope, require_uniform_per_type
-from gemma4_support.errors import ConfigError, UnsupportedVariantError, require_positive_ints
+from gemma4_support.errors import ConfigError, UnsupportedVariantError
 
-SLIDING = "sliding_attention"
-FULL = "full_attention"
-TEXT_MODEL_TYPE = "gemma4_text"
-WRAPPER_MODEL_TYPE = "gemma4"
-
-# HF Gemma4TextConfig defaults for fields that may be absent from a saved config (transformers 5.19).
-_DEFAULT_ROPE = {
-    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-}
-_DEFAULT_GLOBAL_HEAD_DIM = 512
-_DEFAULT_PATTERN = 6  # layer i is full iff (i + 1) % 6 == 0
-# Geometry we never default: a config without these is broken, not "default-sized".
-_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim", "intermediate_size", "sliding_window")
+__all__ = ["FULL", "SLIDING", "TEXT_MODEL_TYPE", "WRAPPER_MODEL_TYPE", "LayerSpec", "ModelSpec", "MoESpec", "RopeSpec",
+           "config_fingerprint", "load_spec", "read_config", "text_config"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +99,8 @@ class ModelSpec:
 
 
 def read_config(source: str | Path | dict) -> tuple[dict, Path | None]:
-    """Load config.json from a model dir or file (or accept a dict); returns (dict, path or None)."""
+    """Load config.json from a model dir or file (or accept a dict); returns (parsed JSON, path or None). The JSON
+    is not checked here: `load_spec` and `check.check_config` do that."""
     if isinstance(source, dict):
         return source, None
     path = Path(source)
@@ -116,9 +109,21 @@ def read_config(source: str | Path | dict) -> tuple[dict, Path | None]:
     if not path.is_file():
         raise ConfigError(f"no Gemma 4 config at {path}", "pass a model directory containing config.json")
     try:
-        return json.loads(path.read_text()), path
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc})", "make the file readable") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                          "re-save the config as UTF-8 JSON") from None
+    try:
+        return json.loads(text), path
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", "repair or re-save the config") from None
+    except (ValueError, RecursionError) as exc:  # integers beyond Python's digit limit, absurd nesting
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ConfigError(f"{path} is not a readable JSON config ({reason})", "repair or re-save the config") from None
 
 
 def config_fingerprint(config: dict) -> str:
@@ -143,56 +148,35 @@ def text_config(config: dict) -> tuple[dict, bool]:
 
 
 def load_spec(source: str | Path | dict) -> ModelSpec:
-    """Read a Gemma 4 config (dir, file or dict) into a ModelSpec, refusing what is out of scope."""
-    raw, _ = read_config(source)
+    """Read a Gemma 4 config (dir, file or dict) into a ModelSpec: every field checked first (all problems in one
+    line), then what is out of scope refused."""
+    raw, path = read_config(source)
+    check_config(raw, str(path) if path else "config")
     cfg, wrapped = text_config(raw)
     notes: list[str] = refuse_out_of_scope(cfg)
-    missing = [k for k in _REQUIRED if cfg.get(k) is None]
-    if missing:
-        raise ConfigError(f"config is missing required field(s) {', '.join(missing)}", "add them to config.json")
-    require_positive_ints({key: cfg[key] for key in _REQUIRED}, ConfigError, "config field", "fix {name} in config.json")
-
     n = cfg["num_hidden_layers"]
     layer_types = cfg.get("layer_types")
     if layer_types is None:
-        layer_types = [FULL if (i + 1) % _DEFAULT_PATTERN == 0 else SLIDING for i in range(n)]
+        layer_types = default_layer_types(n)
         notes.append("layer_types absent: HF default 5 sliding : 1 full pattern used")
-    if not isinstance(layer_types, list) or len(layer_types) != n:
-        got = len(layer_types) if isinstance(layer_types, list) else type(layer_types).__name__
-        raise ConfigError(
-            f"layer_types has {got} entries but num_hidden_layers is {n}",
-            "make layer_types list exactly one sliding_attention/full_attention entry per layer",
-        )
-    unknown = sorted({t for t in layer_types if t not in (SLIDING, FULL)})
-    if unknown:
-        raise ConfigError(f"layer_types contains unknown type(s) {unknown}", f"use only {SLIDING!r} and {FULL!r}")
     layer_types = list(layer_types)
     if layer_types[-1] != FULL:
         layer_types[-1] = FULL
         notes.append(f"last layer {n - 1} was {SLIDING}: forced to {FULL}, as HF transformers does")
 
-    k_eq_v = bool(cfg.get("attention_k_eq_v", False))
-    global_head_dim = cfg.get("global_head_dim", _DEFAULT_GLOBAL_HEAD_DIM)
+    k_eq_v = cfg.get("attention_k_eq_v") is True
     global_kv = cfg.get("num_global_key_value_heads") if k_eq_v else None
-    per_layer = per_layer_overrides(cfg, layer_types, global_head_dim, global_kv)
+    per_layer = per_layer_overrides(cfg, layer_types, cfg.get("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM), global_kv)
     rope = _rope_specs(cfg, set(layer_types))
     moe = _moe_spec(cfg)
-    q_heads = cfg["num_attention_heads"]
-
     layers = []
     for i, layer_type in enumerate(layer_types):
         over = per_layer.get(i, {})
-        head_dim = int(over.get("head_dim", cfg["head_dim"]))
-        kv_heads = int(over.get("num_key_value_heads", cfg["num_key_value_heads"]))
-        if head_dim % 2 or q_heads % kv_heads:
-            raise ConfigError(
-                f"layer {i}: head_dim {head_dim} must be even and {q_heads} query heads divisible by {kv_heads} kv heads",
-                "fix head_dim / num_key_value_heads (or the layer's per_layer_config entry)",
-            )
         sliding = layer_type == SLIDING
         layers.append(LayerSpec(
             index=i, layer_type=layer_type, window=cfg["sliding_window"] if sliding else None,
-            head_dim=head_dim, num_kv_heads=kv_heads, k_eq_v=k_eq_v and not sliding,
+            head_dim=over.get("head_dim", cfg["head_dim"]),
+            num_kv_heads=over.get("num_key_value_heads", cfg["num_key_value_heads"]), k_eq_v=k_eq_v and not sliding,
             rope=rope[layer_type], mlp="moe" if moe else "dense",
         ))
     geometry: dict[str, set[tuple[int, int]]] = {}
@@ -204,59 +188,37 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
     # Gemma4ForConditionalGeneration's weights from its top-level config, never from text_config.
     tied = raw.get("tie_word_embeddings", True) if wrapped else cfg.get("tie_word_embeddings", True)
     return ModelSpec(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_attention_heads=q_heads,
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_attention_heads=cfg["num_attention_heads"],
         intermediate_size=cfg["intermediate_size"], layers=tuple(layers), moe=moe,
-        sliding_window=cfg["sliding_window"], max_position_embeddings=int(cfg.get("max_position_embeddings", 131_072)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        sliding_window=cfg["sliding_window"],
+        max_position_embeddings=cfg.get("max_position_embeddings", DEFAULT_MAX_POSITIONS),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
         final_logit_softcapping=None if softcap is None else float(softcap),
         tie_word_embeddings=bool(tied),
-        hidden_activation=cfg.get("hidden_activation", "gelu_pytorch_tanh"), pad_token_id=cfg.get("pad_token_id", 0),
+        hidden_activation=cfg.get("hidden_activation", DEFAULT_ACTIVATION), pad_token_id=cfg.get("pad_token_id", 0),
         wrapped=wrapped, notes=tuple(notes),
     )
 
 
 def _rope_specs(cfg: dict, layer_types: set[str]) -> dict[str, RopeSpec]:
     """One RopeSpec per layer type present (transformers builds a rotary table for those only)."""
-    params = cfg.get("rope_parameters") or _DEFAULT_ROPE
-    if not isinstance(params, dict):
-        raise ConfigError("rope_parameters must map layer type to its RoPE parameters", "re-save the config with transformers")
+    params = cfg.get("rope_parameters") or DEFAULT_ROPE
     specs = {}
     for layer_type in sorted(layer_types):
-        p = params.get(layer_type)
-        if not isinstance(p, dict) or not isinstance(p.get("rope_theta"), (int, float)) or p["rope_theta"] <= 0:
-            raise ConfigError(f"rope_parameters has no {layer_type!r} entry with a positive rope_theta",
-                              "add it (see HF Gemma4TextConfig)")
+        p = params[layer_type]
         rope_type = p.get("rope_type", "default")
         if rope_type not in ("default", "proportional"):
             raise UnsupportedVariantError(f"rope_parameters[{layer_type!r}] rope_type {rope_type!r} is not supported",
                                           "use rope_type default or proportional")
         # transformers' default RoPE ignores both fields: the spec keeps the effective values
         proportional = rope_type == "proportional"
-        factor = _number(p, "factor", layer_type) if proportional else 1.0
-        partial = _number(p, "partial_rotary_factor", layer_type) if proportional else 1.0
-        if factor <= 0 or not 0.0 <= partial <= 1.0:
-            raise ConfigError(f"rope_parameters[{layer_type!r}] has factor={factor}, partial_rotary_factor={partial}",
-                              "use factor > 0 and partial_rotary_factor in [0, 1]")
+        factor = float(p.get("factor", 1.0)) if proportional else 1.0
+        partial = float(p.get("partial_rotary_factor", 1.0)) if proportional else 1.0
         specs[layer_type] = RopeSpec(rope_type, float(p["rope_theta"]), partial, factor)
     return specs
 
 
-def _number(params: dict, key: str, layer_type: str) -> float:
-    value = params.get(key, 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"rope_parameters[{layer_type!r}][{key!r}] is {value!r}, not a number", f"set {key} to a number")
-    return float(value)
-
-
 def _moe_spec(cfg: dict) -> MoESpec | None:
-    if not cfg.get("enable_moe_block", False):
+    if cfg.get("enable_moe_block") is not True:
         return None
-    fields = {k: cfg.get(k) for k in ("num_experts", "top_k_experts", "moe_intermediate_size")}
-    bad = [k for k, v in fields.items() if not isinstance(v, int) or v <= 0]
-    if bad:
-        raise ConfigError(f"enable_moe_block is true but {', '.join(bad)} is missing or not a positive integer",
-                          "set num_experts, top_k_experts and moe_intermediate_size")
-    if fields["top_k_experts"] > fields["num_experts"]:
-        raise ConfigError(f"top_k_experts {fields['top_k_experts']} exceeds num_experts {fields['num_experts']}",
-                          "lower top_k_experts")
-    return MoESpec(fields["num_experts"], fields["top_k_experts"], fields["moe_intermediate_size"])
+    return MoESpec(cfg["num_experts"], cfg["top_k_experts"], cfg["moe_intermediate_size"])

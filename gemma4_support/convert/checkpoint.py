@@ -18,30 +18,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gemma4_support.config.spec import ModelSpec
+from gemma4_support.convert.headers import INDEX_FILE, printable, read_inventory
 from gemma4_support.convert.mapping import NON_TEXT_PREFIXES, Entry, entries, hf_prefix
-from gemma4_support.errors import CheckpointError
+from gemma4_support.errors import CheckpointError, combined
 
-INDEX_FILE = "model.safetensors.index.json"
+__all__ = ["INDEX_FILE", "Accounting", "HFCheckpoint", "TensorDict", "account", "as_source", "check_hf", "hf_to_megatron",
+           "iter_hf_to_megatron", "load_hf_weights", "megatron_to_hf", "save_hf_checkpoint", "tensor_state"]
 
 
 class HFCheckpoint:
-    """An HF safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor."""
+    """An HF safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor. Opening
+    it reads every file's header (`headers.read_inventory`): a missing or damaged file raises CheckpointError
+    naming each one."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        index = self.directory / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: self.directory / file for name, file in weight_map.items()}
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"no *.safetensors files in {self.directory}",
-                                      "point at an HF checkpoint directory saved with safetensors")
-            self._file_of = {}
-            for file in files:
-                with safe_open(str(file), framework="pt") as handle:
-                    self._file_of.update({name: file for name in handle.keys()})
+        self.inventory = read_inventory(self.directory)
+        if self.inventory.problems:
+            raise combined(self.inventory.problems, CheckpointError, f"checkpoint {self.directory}", one_line=False)
+        self._file_of = {name: self.directory / t.file for name, t in self.inventory.tensors.items()}
         self._handles: dict[Path, object] = {}
 
     def _handle(self, name: str):
@@ -59,7 +54,9 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, without reading its data."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        if name not in self.inventory.tensors:
+            raise CheckpointError(f"tensor {name} is not in {self.directory}", "check the checkpoint")
+        return self.inventory.tensors[name].shape
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor."""
@@ -115,47 +112,57 @@ def _fmt(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def check_hf(source: Source, spec: ModelSpec) -> tuple[list[Entry], Accounting]:
-    """Validate a checkpoint against the table for `spec`: unknown, missing or mis-shaped tensors raise."""
+def account(shapes: Mapping[str, tuple[int, ...]], spec: ModelSpec
+            ) -> tuple[list[Entry], Accounting, list[CheckpointError]]:
+    """Account for every tensor (name -> shape) against the table for `spec`: one problem per unknown, missing or
+    mis-shaped tensor. A tied lm_head is accounted for by its shape here (its values: `check_hf`)."""
     table = entries(spec)
     expected = {name: shape for e in table for name, shape in zip(e.hf, e.hf_shapes)}
     layer_re = re.compile(re.escape(hf_prefix(spec)) + r"layers\.(\d+)\.")
-    acc = Accounting()
-    unknown = []
-    for name in source.names():
+    embed = hf_prefix(spec) + "embed_tokens.weight"
+    acc, problems, unknown = Accounting(), [], []
+    for name in sorted(shapes):
+        got = tuple(shapes[name])
         if name in expected:
-            got = source.shape(name)
             if got != expected[name]:
-                raise CheckpointError(
-                    f"tensor {name} has shape {_fmt(got)} in the checkpoint but the config implies {_fmt(expected[name])}",
-                    "the checkpoint and its config.json disagree: re-save them together",
-                )
+                hint = " (transposed)" if got == expected[name][::-1] and len(got) > 1 else ""
+                problems.append(CheckpointError(
+                    f"tensor {name} has shape {_fmt(got)} in the checkpoint but the config implies "
+                    f"{_fmt(expected[name])}{hint}", "the checkpoint and its config.json disagree: re-save them together"))
             acc.converted.append(name)
         elif name.startswith(NON_TEXT_PREFIXES):
             acc.non_text.append(name)
         elif (m := layer_re.match(name)) and int(m.group(1)) >= spec.num_layers:
             acc.beyond_depth.append(name)
-        elif name == "lm_head.weight" and spec.tie_word_embeddings:
-            embed = hf_prefix(spec) + "embed_tokens.weight"
-            if embed not in expected or not torch.equal(source.get(name), source.get(embed)):
-                raise CheckpointError(f"tensor lm_head.weight {_fmt(source.shape(name))} differs from {embed} but the "
-                                      "config ties the output layer to the embedding",
-                                      "set tie_word_embeddings: false in config.json, or drop lm_head.weight")
+        elif name == "lm_head.weight" and spec.tie_word_embeddings and embed in expected:
+            if got != expected[embed]:
+                problems.append(CheckpointError(
+                    f"tensor lm_head.weight has shape {_fmt(got)} but the config ties it to {embed} {_fmt(expected[embed])}",
+                    "set tie_word_embeddings: false in config.json, or drop lm_head.weight"))
             acc.tied_duplicates.append(name)
         else:
             unknown.append(name)
-    if unknown:
-        shown = ", ".join(f"{n} {_fmt(source.shape(n))}" for n in unknown[:6])
-        more = f" (+{len(unknown) - 6} more)" if len(unknown) > 6 else ""
-        raise CheckpointError(f"unknown tensor(s) in the checkpoint, not in the Gemma 4 table: {shown}{more}",
-                              "this is not a supported Gemma 4 text checkpoint, or its config does not match it")
-    have = set(acc.converted)
-    missing = [(n, s) for n, s in expected.items() if n not in have]
-    if missing:
-        shown = ", ".join(f"{n} (expected {_fmt(s)})" for n, s in missing[:6])
-        more = f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""
-        raise CheckpointError(f"missing tensor(s) in the checkpoint: {shown}{more}",
-                              "the checkpoint is incomplete or its config describes a different model")
+    problems += [CheckpointError(f"unknown tensor {printable(n)} {_fmt(tuple(shapes[n]))}, not in the Gemma 4 weight "
+                                 "table", "this is not a supported Gemma 4 text checkpoint, or its config does not match it")
+                 for n in unknown]
+    problems += [CheckpointError(f"missing tensor {n} (expected {_fmt(s)})",
+                                 "the checkpoint is incomplete or its config describes a different model")
+                 for n, s in expected.items() if n not in shapes]
+    return table, acc, problems
+
+
+def check_hf(source: Source, spec: ModelSpec) -> tuple[list[Entry], Accounting]:
+    """Validate a checkpoint against the table for `spec`: unknown, missing or mis-shaped tensors raise (all named)."""
+    table, acc, problems = account({name: source.shape(name) for name in source.names()}, spec)
+    embed = hf_prefix(spec) + "embed_tokens.weight"
+    for name in acc.tied_duplicates:
+        if not problems and not torch.equal(source.get(name), source.get(embed)):
+            problems.append(CheckpointError(f"tensor lm_head.weight {_fmt(source.shape(name))} differs from {embed} but "
+                                            "the config ties the output layer to the embedding",
+                                            "set tie_word_embeddings: false in config.json, or drop lm_head.weight"))
+    if problems:
+        where = f"checkpoint {source.directory}" if isinstance(source, HFCheckpoint) else "state dict"
+        raise combined(problems, CheckpointError, where, one_line=False)
     return table, acc
 
 
