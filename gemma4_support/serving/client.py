@@ -1,4 +1,5 @@
-"""Client side of a vLLM OpenAI server: requests that return token ids, normalised onto each choice.
+"""Client side of a vLLM OpenAI server: requests that return token ids, normalised onto each choice, and the
+probes of a server's state (``/health``, ``/v1/models``, whether a local process holds its port).
 
 Every request asks for ``return_token_ids`` (and ``logprobs``; ``skip_special_tokens`` off by default); the
 answer's ids are stored on each choice (`gemma4_support.serving.wire.normalize_choice`), so a choice is
@@ -6,13 +7,16 @@ self-contained for RL tokenization: ``choice.model_extra["prompt_token_ids"]``, 
 """
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from gemma4_support.errors import ServerError
 from gemma4_support.serving.wire import extra_fields, normalize_choice, normalize_token_ids
 
-__all__ = ["VLLMClient"]
+__all__ = ["VLLMClient", "health_ok", "health_status", "port_held_here", "served_models"]
 
 
 def _request(model: str, *, max_tokens: int, temperature: float, n: int, seed: int | None,
@@ -154,3 +158,44 @@ def _message(exc: Any) -> str:
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])[:1000]
     return str(exc)[:1000]
+
+
+def health_ok(base_url: str, timeout: float = 2.0) -> bool:
+    """Whether ``GET /health`` answers 200."""
+    return health_status(base_url, timeout) == 200
+
+
+def health_status(base_url: str, timeout: float) -> int | str:
+    """``GET /health``'s status code; "refused" when nothing accepted the connection, "no answer" otherwise."""
+    import requests
+
+    try:
+        return requests.get(base_url.rstrip("/") + "/health", timeout=timeout).status_code
+    except requests.ConnectionError as exc:
+        return "no answer" if isinstance(exc, requests.Timeout) else "refused"
+    except requests.RequestException:
+        return "no answer"
+
+
+def served_models(base_url: str, timeout: float = 10.0) -> list[str]:
+    """The model names a server lists under ``/v1/models``."""
+    import requests
+
+    r = requests.get(base_url.rstrip("/") + "/v1/models", timeout=timeout)
+    r.raise_for_status()
+    return [m["id"] for m in r.json().get("data", [])]
+
+
+def port_held_here(base_url: str) -> bool:
+    """Whether a process on this host holds the URL's loopback port (vLLM binds it before loading the model and
+    listens only after)."""
+    parts = urlsplit(base_url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.port is None:
+        return False
+    family = socket.AF_INET6 if parts.hostname == "::1" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:  # no SO_REUSEADDR: any bound socket makes bind fail
+        try:
+            probe.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", parts.port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
