@@ -1,15 +1,20 @@
 """gemma4-validate: make fixtures, discover a model's layer families, run the validation stages.
 
-`run` exits 0 when every selected stage passed, 1 when a test failed, 2 on a usage error, 3 when a selected stage
-ran no tests (status not_run) unless --allow-not-run is given (an interrupted or crashed pytest run exits 1)."""
+`run` exits 0 when every selected stage passed, 1 when a test failed or the run did not complete (crashed, stopped
+by pytest, collection or internal error), 2 on a usage error, 3 when a selected stage ran no tests (status not_run)
+unless --allow-not-run is given, and 128 + the signal's number (130 SIGINT, 143 SIGTERM) when it was interrupted: the
+signal is forwarded to the whole run (pytest, its workers, the vLLM servers they started), which writes its reports
+as interrupted and stops; the run also dies with this process."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from gemma4_support.errors import Gemma4Error
@@ -19,6 +24,8 @@ SUITE = Path(__file__).resolve().parent  # the installed (or checked-out) valida
 SUITE_OPTIONS = ("--strict-markers", "--dist", "loadgroup", "-p", "validation.plugin", "-p", "validation.conftest_vllm")
 # pytest's exit codes onto ours (1 not green, 2 usage error), keeping 3 for "a selected stage ran no tests".
 _PYTEST_EXIT = {1: 1, 2: 1, 3: 1, 4: 2}  # failed, interrupted, internal error, usage error
+_FORWARDED = (signal.SIGINT, signal.SIGTERM)
+_STOP_AFTER_SIGNAL_S = 120.0  # after a forwarded signal: time for the run to write its reports and stop its servers
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
@@ -36,12 +43,14 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
 
 def _cmd_discover(args: argparse.Namespace) -> int:
     from gemma4_support.config.families import discover
-    from gemma4_support.config.spec import load_spec
+    from gemma4_support.convert.preflight import preflight
 
-    spec = load_spec(args.model)
+    checked = preflight(args.model, weights=None)  # the run's door: config fields, and the weights when present
+    spec = checked.spec
     found = discover(spec)
     if args.json:
-        print(json.dumps({"model": str(args.model), "spec": spec.to_dict(), **found.to_dict()}, indent=2))
+        print(json.dumps({"model": str(args.model), "spec": spec.to_dict(), **found.to_dict(),
+                          "checkpoint": checked.checkpoint, "warnings": list(checked.warnings)}, indent=2))
         return 0
     print(f"model: {args.model}  ({'multimodal wrapper, text_config' if spec.wrapped else 'gemma4_text'})")
     print(f"hidden {spec.hidden_size}, {spec.num_attention_heads} q heads, vocab {spec.vocab_size}, "
@@ -58,19 +67,27 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     for fam in found.families:
         print(f"family {fam.name:<17} first layer {fam.first_index:>3}  ({len(fam.indices)} layers)")
     print(f"covering depth {found.covering_depth}; truncation depth {found.truncation_depth} (ends on a full layer)")
-    for note in spec.notes:
+    for note in (*spec.notes, *checked.warnings):
         print(f"note: {note}")
     return 0
 
 
 def _selected_stages(args: argparse.Namespace) -> list[str]:
-    """The stages `--stages` names (default: all), refusing unknown ones."""
+    """The stages `--stages` names (default: all), refusing empty, duplicate and unknown names."""
     from validation.stages import STAGE_NAMES
 
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else list(STAGE_NAMES)
+    if args.stages is None:
+        return list(STAGE_NAMES)
+    stages = [s.strip() for s in args.stages.split(",")]
+    choose = f"name stages separated by commas, from {', '.join(STAGE_NAMES)} (leave --stages out for all)"
+    if not any(stages) or "" in stages:
+        raise Gemma4Error(f"--stages {args.stages!r} has an empty stage name", choose)
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
         raise Gemma4Error(f"unknown stage(s) {unknown}", f"choose from {', '.join(STAGE_NAMES)}")
+    repeated = sorted({s for s in stages if stages.count(s) > 1})
+    if repeated:
+        raise Gemma4Error(f"--stages names {', '.join(repeated)} more than once", "name each stage once")
     return stages
 
 
@@ -106,15 +123,27 @@ def _not_run(run_dir_file: Path, stages: list[str]) -> list[str] | None:
 def _cmd_run(args: argparse.Namespace) -> int:
     stages = _selected_stages(args)
     if args.model:
-        from gemma4_support.config.spec import load_spec
+        from gemma4_support.convert.preflight import preflight
 
-        load_spec(args.model)  # refuse a bad model before pytest starts
+        for warning in preflight(args.model).warnings:  # a bad config or checkpoint is refused before pytest starts
+            print(f"gemma4-validate: warning: {warning}", file=sys.stderr)
     if args.chat_template and not Path(args.chat_template).is_file():
         raise Gemma4Error(f"chat template {args.chat_template} is not a file", "pass a Jinja chat template file")
+    from gemma4_support.reports.files import ensure_report_dir
+
+    ensure_report_dir(Path(args.report_dir or "reports"))  # one line now, not a pytest error later
     with tempfile.TemporaryDirectory(prefix="gemma4-validate-") as tmp:
         run_dir_file = Path(tmp) / "run_dir"
-        rc = subprocess.call(pytest_command(args, stages, run_dir_file), env=os.environ.copy())
+        rc, received = run_supervised(pytest_command(args, stages, run_dir_file))
         not_run = _not_run(run_dir_file, stages)
+        run_dir = run_dir_file.read_text().strip() if run_dir_file.is_file() else "none written"
+    if received is not None:
+        name = signal.Signals(received).name
+        print(f"gemma4-validate: interrupted by {name}: the run (pytest, its workers, their vLLM servers) was stopped "
+              f"and is not complete; reports: {run_dir}", file=sys.stderr)
+        return 128 + received
+    if rc < 0:  # pytest itself was killed by a signal
+        return 128 - rc
     if rc not in (0, 5) or not_run is None:
         return _PYTEST_EXIT.get(rc, rc)
     if not_run and not args.allow_not_run:
@@ -125,6 +154,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"gemma4-validate: stage(s) {', '.join(not_run)} ran no tests (not_run; allowed by --allow-not-run)",
               file=sys.stderr)
     return 0
+
+
+def run_supervised(cmd: list[str]) -> tuple[int, int | None]:
+    """Run `cmd` as a supervised process group that dies with this process, forwarding SIGINT and SIGTERM to all of
+    it and waiting for it; returns its exit code and the first signal this process received (None if none)."""
+    from gemma4_support.serving.process import spawn
+
+    received: list[tuple[int, float]] = []  # (signal, monotonic time it arrived)
+    child = None
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append((signum, time.monotonic()))
+        if child is not None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
+    try:
+        child = spawn(cmd, None, env=os.environ.copy(), stop_grace_s=10.0)
+        if received:  # arrived while it was starting
+            child.send_signal(received[0][0])
+        while child.popen.poll() is None:
+            if received and time.monotonic() - received[0][1] > _STOP_AFTER_SIGNAL_S:
+                break  # it had its time to stop in order: stop() below ends it
+            child.refresh_process_tree()
+            try:
+                child.popen.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        left = child.stop() if child is not None else []  # whatever the run left behind (normally nothing)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if left:
+        print(f"gemma4-validate: warning: processes of the run survived SIGKILL: {left}", file=sys.stderr)
+    return child.popen.returncode, (received[0][0] if received else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

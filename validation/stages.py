@@ -1,6 +1,8 @@
-"""The validation stages: one pytest marker each, in the order a run reports them."""
+"""The validation stages: one pytest marker each, in the order a run reports them; a test's outcome and a stage's
+status from what pytest reported."""
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -41,3 +43,62 @@ def stage_of(keywords: object) -> str | None:
         if stage.marker in keywords:  # type: ignore[operator]
             return stage.name
     return None
+# A test's outcome: pytest's category of its worst report, `interrupted` when it started but did not run to its end,
+# `not_run` when it ended without a report pytest counts (--setup-only). Counts: pytest's categories + interrupted.
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "interrupted")
+
+
+def outcome_of(counted: Sequence[str], finished: bool) -> str:
+    """A test's outcome from pytest's categories of its reports (as its summary line counts them) and whether it ran
+    to its end: a failure or error stands, else an unfinished test is `interrupted`, never passed, and a test is
+    passed only when pytest counted it passed."""
+    for worst in ("failed", "error"):
+        if worst in counted:
+            return worst
+    if not finished:
+        return "interrupted"
+    kept = next((c for c in ("passed", "xpassed", "xfailed", "skipped") if c in counted), None)
+    return kept or (counted[0] if counted else "not_run")
+
+
+def count_outcomes(tests: Iterable[Mapping]) -> dict[str, int]:
+    """pytest's own tally of the tests' reports (one per report category, as its summary line counts them), plus the
+    tests that started but did not run to their end (`interrupted`, which pytest does not count)."""
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for test in tests:
+        for category in test["counted"]:
+            counts[category] = counts.get(category, 0) + 1
+        counts["interrupted"] += test["outcome"] == "interrupted"
+    return counts
+
+
+def stage_status(outcomes: Collection[str], run_state: str, selected: bool) -> str:
+    """A stage's status: the run's state (`interrupted` / `error`) when the run did not complete and the stage ran
+    tests or was selected; else not_run (no tests), failed, skipped (all skipped) or passed."""
+    if run_state != "complete" and (outcomes or selected):
+        return run_state
+    if not outcomes:
+        return "not_run"
+    if set(outcomes) & {"failed", "error", "interrupted"}:
+        return "failed" if set(outcomes) & {"failed", "error"} else "interrupted"
+    return "skipped" if set(outcomes) <= {"skipped", "xfailed", "not_run"} else "passed"
+
+
+def selected_stages(markexpr: str | None) -> set[str]:
+    """The stages a `-m` expression can select (a test of that stage, other markers present or absent); every stage
+    when there is no expression or pytest's expression grammar is unavailable."""
+    if not markexpr:
+        return set(STAGE_NAMES)
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own -m grammar (no public equivalent)
+
+        expression = Expression.compile(markexpr)
+    except Exception:  # noqa: BLE001 - unknown grammar: assume every stage may run
+        return set(STAGE_NAMES)
+    markers = {s.marker for s in STAGES}
+
+    def can_select(marker: str) -> bool:
+        return any(expression.evaluate(lambda name, /, **_: name == marker or (other and name not in markers))
+                   for other in (False, True))
+
+    return {s.name for s in STAGES if can_select(s.marker)}

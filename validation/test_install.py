@@ -76,6 +76,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path, stage_repo
     report = json.loads((folder / "discovery.json").read_text())
     nodeids = [t["nodeid"] for t in report["tests"]]
     assert report["status"] == "passed" and report["counts"]["passed"] >= 10, report["counts"]
+    assert report["run"]["complete"] and not (folder / "INCOMPLETE").exists()  # the installed plugin's verdict
+    assert (elsewhere / "reports" / "LATEST").read_text().strip() == folder.name
     assert all(n.startswith("validation/") for n in nodeids)
     assert (tmp_path / "cache" / "gemma4-support" / "fixtures").is_dir()  # the fixture cache left the checkout
     stage_report.record("installed_wheel", wheel=wheel.name, site_packages=str(site), discovery_tests=len(nodeids),

@@ -170,3 +170,28 @@ def test_cli_exits_3_when_a_selected_stage_has_no_tests(tmp_path):
     out = subprocess.run([*exe, "--report-dir", str(tmp_path / "b"), "--allow-not-run", "--chat-template", str(template),
                           *deselect], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_html_states_an_incomplete_run_and_renders_any_provenance():
+    """The page opens with the run's verdict (an incomplete run says why and that LATEST does not name it) and ends
+    with the provenance, every field whatever its shape (fields the provenance adds later included)."""
+    from gemma4_support.reports.html import render_run
+
+    prov = {"host": "box-7", "started_utc": "2026-01-02T03:04:05+00:00", "seed": 0,
+            "device": {"type": "cpu", "name": "Xeon Gold", "count": 2}, "git": {"commit": "abc123", "dirty": True,
+                                                                                 "changed": ["a.py", "b.py"]},
+            "model": {"path": "/ckpt", "files": {"config.json": {"bytes": 3, "sha256": "f00d"}}},
+            "added_later": {"nested": [{"k": 1}, 2.5]}}
+    summary = {"run_dir": "/r/run-x", "exit_status": 2, "duration_s": 1.0, "verdict": "interrupted", "complete": False,
+               "reason": "SIGTERM received", "not_run": [], "started_utc": prov["started_utc"], "provenance": prov,
+               "stages": {"discovery": {"status": "interrupted", "counts": {"passed": 1, "interrupted": 1}}}}
+    tests = [{"nodeid": "t.py::a", "outcome": "interrupted", "duration_s": 0.1, "records": []}]
+    page = render_run(summary, tests)
+    assert page.index("verdict: INTERRUPTED") < page.index("<table>") and "SIGTERM received" in page
+    assert "LATEST does not name this run" in page
+    footer = page[page.index("<footer>"):]
+    for text in ("box-7", "2026-01-02T03:04:05", "Xeon Gold", "abc123", "a.py, b.py", "config.json", "f00d",
+                 "added_later", "nested", "2.5"):
+        assert text in footer, text
+    done = render_run({**summary, "verdict": "passed", "complete": True, "reason": None}, tests)
+    assert "the run completed" in done and "not complete" not in done

@@ -1,4 +1,6 @@
-"""Run folders and atomic report files: a run never overwrites an earlier one."""
+"""Run folders and atomic report files: a run never overwrites an earlier one, and a folder whose run did not
+complete says so (the INCOMPLETE marker, written when the folder is made and removed only after a complete run's
+last report is written); `LATEST` names the newest complete run."""
 from __future__ import annotations
 
 import json
@@ -10,18 +12,62 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from gemma4_support.errors import Gemma4Error
+
+INCOMPLETE = "INCOMPLETE"  # marker file in a run folder whose run has not (or never) completed
+LATEST = "LATEST"  # file beside the run folders naming the newest complete run
+_REPORT_DIR_FIX = "pass --report-dir a directory you can write to (it is created if missing)"
+
+
+def _report_dir_error(base: Path, exc: OSError) -> Gemma4Error:
+    """The one-line error for a report folder that cannot be created or written."""
+    blocker = next((p for p in (base, *base.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == base else f"lies under {blocker}, which is a file"
+        return Gemma4Error(f"report dir {base} {where}, not a directory", _REPORT_DIR_FIX)
+    return Gemma4Error(f"report dir {base} cannot be written: {exc.strerror or exc}", _REPORT_DIR_FIX)
+
+
+def ensure_report_dir(base: Path) -> Path:
+    """`base` made (if missing) and checked to accept a run folder; Gemma4Error naming the problem otherwise."""
+    base = Path(base).absolute()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=".probe-", dir=base)).rmdir()
+    except OSError as exc:
+        raise _report_dir_error(base, exc) from None
+    return base
+
 
 def new_run_dir(base: Path) -> Path:
-    """Create a fresh, uniquely named run folder under `base` (never reuses an existing one)."""
-    base.mkdir(parents=True, exist_ok=True)
+    """Create a fresh, uniquely named run folder under `base` (never reuses an existing one), marked INCOMPLETE
+    until `finish_run`; Gemma4Error naming the problem when `base` cannot hold one."""
+    base = ensure_report_dir(base)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     while True:
         path = base / f"run-{stamp}-{secrets.token_hex(3)}"
         try:
             path.mkdir()
-            return path
+            break
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise _report_dir_error(base, exc) from None
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    mark_incomplete(path, f"running since {started} (pid {os.getpid()})")
+    return path
+
+
+def mark_incomplete(run: Path, reason: str) -> Path:
+    """(Re)write the run folder's INCOMPLETE marker with why the run is not complete."""
+    return write_atomic(run / INCOMPLETE, f"this run is not complete: {reason}; its reports (if any) cover only what "
+                                          f"ran, and {LATEST} does not name it\n")
+
+
+def finish_run(run: Path) -> None:
+    """Declare a run complete: remove its INCOMPLETE marker, then point LATEST at it (after every report is written)."""
+    (run / INCOMPLETE).unlink(missing_ok=True)
+    write_atomic(run.parent / LATEST, run.name + "\n")
 
 
 def write_atomic(path: Path, text: str) -> Path:

@@ -1,4 +1,5 @@
-"""A self-contained HTML page for one run: stage verdicts, then every gate with value and threshold."""
+"""A self-contained HTML page for one run: the run's verdict (complete or not, and why), stage verdicts, every gate
+with value and threshold, and the provenance in a footer."""
 from __future__ import annotations
 
 import html
@@ -53,15 +54,49 @@ def _step_curve(rec: dict) -> str:
                              threshold=threshold) + "</p>"
 
 
-def render_run(summary: dict, tests: list[dict]) -> str:
-    """Render the run summary and every test's records as one HTML page."""
+def _provenance_html(value: object, depth: int = 0) -> str:
+    """Any provenance value as HTML: dicts as nested definition lists, lists joined, long text shortened."""
     esc = html.escape
-    prov = summary["provenance"]
+    if isinstance(value, dict):
+        if not value:
+            return "—"
+        items = "".join(f"<dt>{esc(str(k))}</dt><dd>{_provenance_html(v, depth + 1)}</dd>" for k, v in value.items())
+        return f"<dl class='prov'>{items}</dl>" if depth < 4 else esc(_fmt(value))
+    if isinstance(value, (list, tuple)):
+        if all(not isinstance(v, (dict, list, tuple)) for v in value):
+            text = ", ".join(str(v) for v in value)
+            return esc(text if len(text) < 400 else text[:397] + "…") or "—"
+        return "<ol>" + "".join(f"<li>{_provenance_html(v, depth + 1)}</li>" for v in value) + "</ol>"
+    return "—" if value is None else esc(_fmt(value))
+
+
+def _verdict_html(summary: dict) -> str:
+    """The run's verdict, first on the page; an incomplete run says why and that LATEST does not name it."""
+    esc = html.escape
+    verdict = str(summary.get("verdict") or "unknown")
+    if summary.get("complete", True):
+        return f"<p class='verdict {esc(verdict)}'><b>verdict: {esc(verdict)}</b> (the run completed)</p>"
+    return (f"<p class='verdict {esc(verdict)} attention'><b>verdict: {esc(verdict).upper()} — this run is not "
+            f"complete</b>: {esc(str(summary.get('reason') or 'unknown reason'))}. Only tests that ran to their end "
+            f"are counted passed; LATEST does not name this run.</p>")
+
+
+def _get(tree: object, *keys: str) -> object:
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def render_run(summary: dict, tests: list[dict]) -> str:
+    """Render the run summary and every test's records as one HTML page (verdict first, provenance in the footer)."""
+    esc = html.escape
+    prov = summary.get("provenance") or {}
     rows = []
     for name, stage in summary["stages"].items():
         c = stage["counts"]
         rows.append(f"<tr class='{esc(stage['status'])}'><td>{esc(name)}</td><td>{esc(stage['status'])}</td>"
-                    f"<td>{c['passed']}</td><td>{c['failed'] + c['error']}</td><td>{c['skipped']}</td></tr>")
+                    f"<td>{c.get('passed', 0)}</td><td>{c.get('failed', 0) + c.get('error', 0)}</td>"
+                    f"<td>{c.get('skipped', 0)}</td><td>{c.get('interrupted', 0)}</td></tr>")
     not_run = summary.get("not_run") or []
     banner = (f"<p class='attention'><b>not run (no tests; not green): {esc(', '.join(not_run))}</b></p>"
               if not_run else "")
@@ -84,15 +119,20 @@ def render_run(summary: dict, tests: list[dict]) -> str:
                 "passed" if rec["passed"] else "FAILED")
             detail.append(f"<p><b>{esc(rec['case'])}</b> — {label}: {verdict}</p><table><tr><th>metric</th><th>value</th>"
                           f"<th>threshold</th><th>verdict</th></tr>{gates}</table>{_step_curve(rec)}")
+    commit, dirty = _get(prov, "git", "commit"), _get(prov, "git", "dirty")
+    started = summary.get("started_utc") or _get(prov, "started_utc")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>gemma4-support run {esc(summary['run_dir'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px}}.failed,.error{{color:#b00}}.passed{{color:#070}}.skipped,.not_run{{color:#777}}.attention{{color:#b60}}</style>
+td,th{{border:1px solid #ccc;padding:2px 8px}}.failed,.error,.interrupted{{color:#b00}}.passed{{color:#070}}
+.skipped,.not_run,.xfailed{{color:#777}}.attention{{color:#b60}}dl.prov{{margin:0 0 0 1em}}dl.prov dt{{font-weight:bold}}
+dl.prov dd{{margin:0 0 .2em 1.5em}}footer{{margin-top:2em;border-top:1px solid #ccc;font-size:90%}}</style>
 </head><body><h1>gemma4-support validation run</h1>
+{_verdict_html(summary)}
 {banner}
 <p>{esc(summary['run_dir'])} — exit status {summary['exit_status']} — {summary['duration_s']} s</p>
-<p>commit {esc(str(prov['git']['commit']))}{' (dirty)' if prov['git']['dirty'] else ''} · device {esc(str(prov['device']['name']))}
- · model {esc(str(prov['model']['path']))} ({esc(str(prov['model']['config_fingerprint']))}) · seed {prov['seed']}</p>
-<p>{esc(', '.join(f'{k} {v}' for k, v in prov['packages'].items() if v))}</p>
-<table><tr><th>stage</th><th>status</th><th>passed</th><th>failed</th><th>skipped</th></tr>{''.join(rows)}</table>
-{''.join(detail)}</body></html>
+<p>host {esc(str(_get(prov, 'host')))} · started {esc(str(started))} · device {esc(str(_get(prov, 'device', 'name')))}
+ · commit {esc(str(commit))}{' (dirty)' if dirty else ''} · model {esc(str(_get(prov, 'model', 'path')))} · seed {esc(str(_get(prov, 'seed')))}</p>
+<table><tr><th>stage</th><th>status</th><th>passed</th><th>failed</th><th>skipped</th><th>interrupted</th></tr>{''.join(rows)}</table>
+{''.join(detail)}
+<footer><h2>provenance</h2>{_provenance_html(prov)}</footer></body></html>
 """

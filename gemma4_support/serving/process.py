@@ -1,11 +1,12 @@
 """Supervised child processes: started in their own session and process group, logged to a file, stopped whole.
 
-`spawn` starts a command with stdout+stderr going to a log file, in a new session (its own process group),
-with ``PR_SET_PDEATHSIG`` on Linux (a killed parent leaves no orphan) and an ``atexit`` hook that stops
-every process still running at interpreter exit. `SupervisedProcess.stop` sends SIGTERM to the process
-group and to every descendant recorded while it ran (servers fork workers that may change group), waits,
-escalates to SIGKILL, and reports what survived. `wait_until` is the one polling loop: until a check
-passes, the process exits, or a deadline passes.
+`spawn` starts a command with stdout+stderr going to a log file (or to the caller's own streams), in a new
+session (its own process group), with ``PR_SET_PDEATHSIG`` on Linux (a killed parent leaves no orphan), SIGINT
+honoured even when the caller ignores it, and an ``atexit`` hook that stops every process still running at
+interpreter exit. `SupervisedProcess.send_signal` forwards a signal to the group and every descendant seen;
+`SupervisedProcess.stop` sends SIGTERM to the process group and to every descendant recorded while it ran
+(servers fork workers that may change group), waits, escalates to SIGKILL, and reports what survived.
+`wait_until` is the one polling loop: until a check passes, the process exits, or a deadline passes.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SupervisedProcess", "spawn", "tail", "wait_until"]
+__all__ = ["SupervisedProcess", "set_pdeathsig", "spawn", "tail", "wait_until"]
 
 _LIVE: set["SupervisedProcess"] = set()
 _LIVE_LOCK = threading.Lock()
@@ -32,7 +33,7 @@ class SupervisedProcess:
     """A child process group this module started: its log, every descendant seen, and how to stop them all."""
 
     popen: subprocess.Popen
-    log_path: Path
+    log_path: Path | None
     command: list[str]
     stop_grace_s: float = 20.0
     seen: dict[int, float] = field(default_factory=dict)  # pid -> create_time of every process seen
@@ -88,6 +89,11 @@ class SupervisedProcess:
                 continue
         return sorted(alive)
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the child's process group and to every descendant seen (now or before)."""
+        self.refresh_process_tree()
+        self._signal_all(sig)
+
     def _signal_all(self, sig: int) -> None:
         try:
             os.killpg(self.pid, sig)
@@ -95,7 +101,8 @@ class SupervisedProcess:
             pass
         for pid in self.surviving_processes():
             try:
-                os.kill(pid, sig)
+                if os.getpgid(pid) != self.pid:  # the group had it already: once is enough
+                    os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
 
@@ -142,27 +149,40 @@ def tail(path: Path | None, lines: int) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
+def set_pdeathsig(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent exits (PR_SET_PDEATHSIG); False where unsupported."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return libc.prctl(1, int(sig)) == 0  # PR_SET_PDEATHSIG
     except Exception:
+        return False
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    set_pdeathsig(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a forwarded SIGINT must not meet an inherited "ignore"
+    except (ValueError, OSError):
         pass
 
 
-def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
+def spawn(argv: Sequence[str], log_path: Path | None, env: Mapping[str, str] | None = None,
           stop_grace_s: float = 20.0) -> SupervisedProcess:
-    """Start ``argv`` in its own session with output to ``log_path``; it is stopped at interpreter exit at the latest."""
-    log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by stop()
-    log_file.write(("$ " + shlex.join(argv) + "\n").encode())
+    """Start ``argv`` in its own session with output to ``log_path`` (None: the caller's stdin, stdout and stderr);
+    it is stopped at interpreter exit at the latest."""
+    log_file = None
+    if log_path is not None:
+        log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by stop()
+        log_file.write(("$ " + shlex.join(argv) + "\n").encode())
     popen = subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-        env=None if env is None else dict(env), start_new_session=True,
-        preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+        list(argv), stdin=subprocess.DEVNULL if log_file else None, stdout=log_file,
+        stderr=subprocess.STDOUT if log_file else None, env=None if env is None else dict(env), start_new_session=True,
+        preexec_fn=_child_setup if sys.platform.startswith("linux") else None,
     )
-    child = SupervisedProcess(popen, Path(log_path), list(argv), stop_grace_s, _log_file=log_file)
+    child = SupervisedProcess(popen, None if log_path is None else Path(log_path), list(argv), stop_grace_s,
+                              _log_file=log_file)
     child.refresh_process_tree()
     with _LIVE_LOCK:
         _LIVE.add(child)
