@@ -142,7 +142,10 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     try:
         import peft
     except ImportError:
-        res["measurements"]["hf_peft_lora_r16"] = {"status": "skipped", "error": "peft not installed"}
+        peft = None
+    if args.no_hf or peft is None:
+        res["measurements"]["hf_peft_lora_r16"] = {"status": "skipped",
+                                                   "error": "--no-hf" if args.no_hf else "peft not installed"}
     else:
         hf = hf_model(cfg, dtype, device, state)
         set_hf_experts(hf, args.hf_experts)

@@ -36,7 +36,8 @@ from validation.parity import (
     backward_metrics, forward_metrics, fp32_floor_metrics, fp32_gates, fp32_step, hf_side, megatron_side,
 )
 from validation.thresholds import (
-    HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED, ROUTER_TIE_MARGIN, hf_parity_forward_bf16,
+    FUSED_REGIONS_BF16, HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED, ROUTER_TIE_MARGIN,
+    hf_parity_forward_bf16,
 )
 
 pytestmark = pytest.mark.stage_hf_parity
@@ -200,6 +201,48 @@ def test_expert_paths_agree(stage_report, pytestconfig, gemma4_seed: int) -> Non
     # GEMM library that blocks the grouped products differently
     gates = tuple(Gate(m, "<=", 1e-6) for m in metrics)
     stage_report.check("expert paths: grouped vs sequential", metrics, gates, **subject.info(row))
+
+
+def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, float]:
+    """Each region compiled as on CUDA (here on the CPU) against its eager body, on bf16 inputs."""
+    from gemma4_support.fused import compile_region
+    from gemma4_support.logprobs import _head_chunk
+    from gemma4_support.model.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    def diff(fn, *args) -> list[float]:  # noqa: ANN001
+        eager = fn.eager(*args)
+        compiled = compile_region(fn, emulate_precision_casts=emulate_precision_casts)(*args)
+        pairs = zip(eager, compiled) if isinstance(eager, tuple) else [(eager, compiled)]
+        return [(a.float() - b.float()).abs().max().item() for a, b in pairs]
+
+    outputs, rows, weights = rand(512, 96), torch.randperm(512, generator=gen).view(64, 8), torch.rand(64, 8, generator=gen)
+    logits = rand(16, 512) * 20
+    head = diff(_head_chunk, logits, torch.randint(0, 512, (16,), generator=gen), 30.0, True)
+    return {"rms_norm_max_abs": diff(rms_norm, rand(64, 96), rand(96), 1e-6)[0],
+            "rope_max_abs": diff(rope_module.apply_rotary, rand(64, 1, 4, 32), rand(64, 1, 1, 32, dtype=torch.float32),
+                                 rand(64, 1, 1, 32, dtype=torch.float32))[0],
+            "weighted_sum_max_abs": max(diff(mlp_module.weighted_sum, outputs, rows, weights)
+                                        + diff(mlp_module._weighted_sum_grads, rand(64, 96), outputs, rows, weights)[:1]),
+            "head_logprob_max_abs": head[0], "head_grad_max_abs": head[1]}
+
+
+@pytest.mark.slow
+def test_fused_regions_equal_eager(stage_report) -> None:
+    """The regions the model runs compiled on CUDA (RMSNorm, RoPE, the experts' weighted sum, the head's log-prob
+    chunk) equal their eager bodies: compiled with the same options on the CPU, bf16 inputs."""
+    stage_report.check("fused regions: compiled vs eager (bf16)", _fused_region_metrics(), FUSED_REGIONS_BF16)
+
+
+@pytest.mark.slow
+def test_fused_regions_sensitivity_precision_casts_off(stage_report) -> None:
+    """Sensitivity: compiled without keeping eager's bf16 roundings (inductor's default), the regions differ."""
+    stage_report.expect_caught("fused regions without emulate_precision_casts",
+                               _fused_region_metrics(emulate_precision_casts=False), FUSED_REGIONS_BF16)
 
 
 def test_packed_expert_weights_stay_the_parameters(pytestconfig) -> None:

@@ -60,14 +60,13 @@ class Gemma4Experts(SequentialMLP):
             # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
             # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
             out, _ = self(x, tokens_per_expert, torch.ones_like(flat, dtype=weights.dtype))
-        # Back to one row per (token, slot), each token's slots in expert order (one index_put, no gather), then the
-        # k outputs weighted and added one at a time in that order, as HF adds them (one index_add_ per expert): the
-        # same roundings in bf16, and no atomics (a fixed order on CUDA too).
+        # Each token's k outputs, weighted and added one at a time in expert order, as HF adds them (one index_add_
+        # per expert): the same roundings in bf16, no atomics, and read in place from the expert-sorted rows.
         slot_order = indices.argsort(dim=-1, stable=True)  # [T, k]: the slot holding each token's j-th expert
-        rank = slot_order.argsort(dim=-1).reshape(-1)  # a slot's place in expert order
-        per_slot = torch.empty_like(out)
-        per_slot[(order // top_k) * top_k + rank[order]] = out
-        return weighted_sum(per_slot.view(tokens, top_k, -1), weights.gather(1, slot_order))
+        sorted_row = torch.empty_like(order)
+        sorted_row[order] = torch.arange(order.numel(), device=order.device)  # (token, slot) -> its row of `out`
+        rows = sorted_row.view(tokens, top_k).gather(1, slot_order)
+        return _Combine.apply(out, rows, weights.gather(1, slot_order))
 
     def _grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Expert-sorted tokens [N, h] with cumulative group ends `offsets` [E] -> expert outputs [N, h]."""
@@ -140,13 +139,40 @@ def pack_expert_weights(model: torch.nn.Module) -> None:
 
 
 @cuda_compiled
-def weighted_sum(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """outputs [T, k, h], weights [T, k] -> sum over j of round(outputs[:, j] * weights[:, j]), added in order j = 0..k-1
-    in outputs' dtype (HF's per-expert multiply and index_add_, as one region)."""
-    total = torch.zeros_like(outputs[:, 0])
-    for j in range(outputs.shape[1]):
-        total = total + (outputs[:, j] * weights[:, j, None]).to(outputs.dtype)
+def weighted_sum(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """outputs [N, h], rows [T, k] (rows of outputs), weights [T, k] -> sum over j of round(outputs[rows[:, j]] *
+    weights[:, j]), added in order j = 0..k-1 in outputs' dtype (HF's per-expert multiply and index_add_)."""
+    total = outputs.new_zeros(rows.shape[0], outputs.shape[1])
+    for j in range(rows.shape[1]):
+        total = total + (outputs[rows[:, j]] * weights[:, j, None]).to(outputs.dtype)
     return total
+
+
+@cuda_compiled
+def _weighted_sum_grads(grad: torch.Tensor, outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weighted_sum's gradients: per (token, j) the output row's [T, k, h] (outputs' dtype) and the weights' [T, k]."""
+    g = grad.float()
+    grad_rows = torch.stack([(g * weights[:, j, None]).to(outputs.dtype) for j in range(rows.shape[1])], dim=1)
+    grad_weights = torch.stack([(g * outputs[rows[:, j]].float()).sum(-1) for j in range(rows.shape[1])], dim=1)
+    return grad_rows, grad_weights.to(weights.dtype)
+
+
+class _Combine(torch.autograd.Function):
+    """`weighted_sum` with its gradient scattered back to the expert-sorted rows (each row read once)."""
+
+    @staticmethod
+    def forward(ctx, outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(outputs, rows, weights)
+        return weighted_sum(outputs, rows, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        outputs, rows, weights = ctx.saved_tensors
+        grad_rows, grad_weights = _weighted_sum_grads(grad.contiguous(), outputs, rows, weights)
+        grad_outputs = torch.empty_like(outputs)
+        grad_outputs[rows.reshape(-1)] = grad_rows.reshape(-1, outputs.shape[1])
+        return grad_outputs, None, grad_weights
 
 
 def gated_activation(mid: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
