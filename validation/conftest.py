@@ -63,3 +63,14 @@ def chat_template(pytestconfig: pytest.Config, gemma4_model_dir: Path) -> str:
     from fixtures.chat_template import CHAT_TEMPLATE
 
     return CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # noqa: ANN201
+    """Run a module on one intra-op thread, as the multi-process (CP, TP) workers do."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

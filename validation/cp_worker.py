@@ -3,7 +3,8 @@
 `launch(job)` starts `job["cp"]` processes (`python -m validation.cp_worker`), one CP group over all of them,
 rendezvous on a free TCP port of 127.0.0.1, and returns what CP rank 0 reported (and every rank's
 bookkeeping). Each process sets the runtime config's `cp` and builds its models through the library's real
-path (`load_model`), which wraps the requested attention backend in context parallelism.
+path (`load_model`), which wraps the requested attention backend in context parallelism. `launch(job,
+worker=MODULE)` starts another worker module the same way (`validation.tp_worker`: tensor parallelism).
 
 A job is a dict saved with torch.save:
   model_dir, depth   the HF checkpoint directory and the depth to cut it to
@@ -39,9 +40,10 @@ BROKEN_VARIANTS = {
 VARIANTS = ("none", *BROKEN_VARIANTS)
 
 
-def launch(job: dict, timeout_s: float = 300.0) -> dict:
-    """Run `job` on `job["cp"]` gloo processes; returns {run name: {row name: result}} and launch timings."""
-    world = job["cp"]
+def launch(job: dict, timeout_s: float = 300.0, worker: str = "validation.cp_worker") -> dict:
+    """Run `job` on `job["world"]` (default `job["cp"]`) gloo processes of the `worker` module; returns {run name:
+    {row name: result}} merged from every rank, and launch timings."""
+    world = job.get("world", job.get("cp"))
     with tempfile.TemporaryDirectory(prefix="gemma4-cp-") as tmp:
         tmp_path = Path(tmp)
         torch.save(job, tmp_path / "job.pt")
@@ -52,7 +54,7 @@ def launch(job: dict, timeout_s: float = 300.0) -> dict:
         procs = []
         for rank in range(world):
             log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-            cmd = [sys.executable, "-W", "ignore", "-m", "validation.cp_worker", "--rank", str(rank),
+            cmd = [sys.executable, "-W", "ignore", "-m", worker, "--rank", str(rank),
                    "--world", str(world), "--port", str(port), "--job", str(tmp_path / "job.pt"), "--out", tmp]
             procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         deadline = time.monotonic() + timeout_s
@@ -72,7 +74,7 @@ def launch(job: dict, timeout_s: float = 300.0) -> dict:
             tails = "\n".join(
                 f"--- rank {r} (exit {rc}) ---\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:] for r, rc in failed
             )
-            raise RuntimeError(f"CP worker(s) failed: {failed}\n{tails}")
+            raise RuntimeError(f"{worker} worker(s) failed: {failed}\n{tails}")
         merged: dict = {"_launch": {"world": world, "wall_seconds": time.perf_counter() - t0}}
         for rank in range(world):
             for name, by_row in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False).items():
@@ -136,23 +138,35 @@ def _run_row(model, run: dict, row, rank: int) -> dict:  # noqa: ANN001
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Worker entry point: one CP rank of the job."""
+def worker_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """A launched worker's arguments (rank, world, port, job file, output folder), parsed as `launch` passes them."""
     parser = argparse.ArgumentParser()
     for name in ("--rank", "--world", "--port"):
         parser.add_argument(name, type=int, required=True)
     parser.add_argument("--job", required=True)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def start_rank(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """A worker's start: its arguments, one intra-op thread, its rank in the gloo group, and the job it was given."""
+    import torch.distributed as dist
+
+    args = worker_args(argv)
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                            world_size=args.world)
+    return args, torch.load(args.job, weights_only=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Worker entry point: one CP rank of the job."""
+    args, job = start_rank(argv)
     import torch.distributed as dist
 
     from gemma4_support.model.build import load_model, model_spec
     from gemma4_support.runtime import RuntimeConfig, set_runtime
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-                            world_size=args.world)
-    job = torch.load(args.job, weights_only=False)
     set_runtime(RuntimeConfig(cp=job["cp"]))
     spec = model_spec(job["model_dir"], job.get("depth"))
     results = {}

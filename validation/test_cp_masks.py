@@ -25,22 +25,13 @@ from validation import thresholds as T
 from validation.cp_worker import BROKEN_VARIANTS, launch
 from validation.mask_variants import CountingBackend, NoSharedPrefix
 
-pytestmark = [pytest.mark.stage_cp_masks, pytest.mark.xdist_group("cp_masks")]  # the CP launches
+pytestmark = [pytest.mark.stage_cp_masks, pytest.mark.xdist_group("cp_masks"), pytest.mark.usefixtures("one_thread")]  # the CP launches
 
 CP_VARIANTS = tuple(BROKEN_VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module on one intra-op thread, as the CP workers do."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -226,19 +226,32 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], spec: ModelSpec, *, allow_
     return out
 
 
+def _tp_placement() -> tuple[int, int, int, int]:
+    """This process's (tensor-parallel size, rank, expert tensor-parallel size, rank) in Megatron's parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+            ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank())
+
+
 def load_hf_weights(model: torch.nn.Module, source: Source | Mapping[str, torch.Tensor] | str | Path) -> Accounting:
-    """Copy an HF checkpoint into a built Gemma4Model, row by row (cast to the model's dtype and device)."""
+    """Copy an HF checkpoint into a built Gemma4Model, row by row (cast to the model's dtype and device); at tensor
+    parallel size > 1 each rank takes its shard of every tensor, split as the weight table says."""
     spec = model.spec
     source = as_source(source)
-    _, acc = check_hf(source, spec)
+    table, acc = check_hf(source, spec)
+    tp, rank, expert_tp, expert_rank = _tp_placement() if getattr(model, "tp_size", 1) > 1 else (1, 0, 1, 0)
+    split = {name: e.tp for e in table for name in e.megatron}
     targets = tensor_state(model.state_dict(keep_vars=True))
-    table_names = {name for e in entries(spec) for name in e.megatron}
+    table_names = set(split)
     if set(targets) != table_names:
         raise CheckpointError(f"the model's tensors and the table disagree: model-only {sorted(set(targets) - table_names)[:6]}, "
                               f"table-only {sorted(table_names - set(targets))[:6]}", "fix gemma4_support.convert.mapping")
     with torch.no_grad():
         for name, tensor in iter_hf_to_megatron(source, spec):
             target = targets[name]
+            expert = ".local_experts." in name  # experts split over the expert tensor-parallel group
+            tensor = split[name].shard(tensor, *((expert_tp, expert_rank) if expert else (tp, rank)))
             if tuple(target.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"tensor {name} is {_fmt(tuple(tensor.shape))} after conversion but the model "
                                       f"holds {_fmt(tuple(target.shape))}", "the model was built for another config")

@@ -45,6 +45,8 @@ class Gemma4Attention(MegatronModule):
         self.q_layernorm = Gemma4RMSNorm(self.head_dim, config.layernorm_epsilon, dtype=config.params_dtype)
         self.k_layernorm = Gemma4RMSNorm(self.head_dim, config.layernorm_epsilon, dtype=config.params_dtype)
         self.v_layernorm = Gemma4RMSNorm(self.head_dim, config.layernorm_epsilon, with_scale=False)
+        if tp_size > 1:  # each rank normalises only its own heads: the per-head norms' gradients are partial sums
+            self.q_layernorm.tp_group = self.k_layernorm.tp_group = tp_group
         self.linear_proj = RowParallelLinear(
             heads * self.head_dim, config.hidden_size, config=config, init_method=config.output_layer_init_method,
             bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=tp_group,

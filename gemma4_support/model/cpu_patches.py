@@ -12,6 +12,9 @@ no SWA masks built on `device="cuda"`). What remains is patched here:
    callers that seed the way Megatron training scripts do keep working.
 2. `tensor_parallel.random.get_cuda_rng_tracker().fork()` switches CUDA generator states around random
    ops (dropout, GPU weight init); on CPU it becomes a no-op context.
+3. `tensor_parallel.mappings._gather_along_last_dim` (the vocabulary-parallel output layer's `gather_output`
+   at tensor parallel size > 1) allocates its buffer on `torch.cuda.current_device()`; on CPU it gathers
+   into tensors on the input's device, concatenated in rank order along the last dimension as the original.
 """
 from __future__ import annotations
 
@@ -36,5 +39,17 @@ def apply() -> None:
     mrandom.model_parallel_cuda_manual_seed = model_parallel_cpu_manual_seed
     tracker = mrandom.get_cuda_rng_tracker()
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+
+    from megatron.core.tensor_parallel import mappings
+
+    def gather_along_last_dim_on_input_device(input_: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+        """All-gather over `group`, concatenated along the last dimension (megatron's allocates on CUDA)."""
+        if group.size() == 1:
+            return input_
+        parts = [torch.empty_like(input_) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, input_.contiguous(), group=group)
+        return torch.cat(parts, dim=-1).contiguous()
+
+    mappings._gather_along_last_dim = gather_along_last_dim_on_input_device
     _APPLIED = True
 

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region,
+                                           reduce_from_tensor_model_parallel_region)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -54,12 +55,17 @@ class Gemma4Experts(SequentialMLP):
         order = torch.argsort(flat, stable=True)
         tokens_per_expert = torch.bincount(flat, minlength=self.num_experts)
         x = hidden[order // top_k]
+        split = self.tp_group.size() > 1  # each expert's width split over expert-TP ranks: partial outputs
+        if split:  # megatron's expert linears leave these collectives to the dispatcher (explicit_expert_comm)
+            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
         if self.path == "grouped":
             out = self._grouped(x, tokens_per_expert.cumsum(0).to(torch.int32))
         else:
             # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
             # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
             out, _ = self(x, tokens_per_expert, torch.ones_like(flat, dtype=weights.dtype))
+        if split:
+            out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
         # Each token's k outputs, weighted and added one at a time in expert order, as HF adds them (one index_add_
         # per expert): the same roundings in bf16, no atomics, and read in place from the expert-sorted rows.
         slot_order = indices.argsort(dim=-1, stable=True)  # [T, k]: the slot holding each token's j-th expert

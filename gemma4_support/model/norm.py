@@ -25,10 +25,18 @@ class Gemma4RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.with_scale = with_scale
+        # Set when the norm runs on a tensor-parallel shard of its input (per-head norms of a rank's heads): the
+        # replicated weight's gradient is then summed over this group, so every rank holds the full gradient.
+        self.tp_group: object | None = None
         if with_scale:
             self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
         flat = hidden.reshape(-1, hidden.shape[-1])  # one compiled graph per width, whatever the leading dims
-        return rms_norm(flat, self.weight if self.with_scale else None, self.eps).view(hidden.shape)
+        weight = self.weight if self.with_scale else None
+        if weight is not None and self.tp_group is not None:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            weight = copy_to_tensor_model_parallel_region(weight, self.tp_group)  # identity; gradient all-reduced
+        return rms_norm(flat, weight, self.eps).view(hidden.shape)
