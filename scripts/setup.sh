@@ -19,6 +19,15 @@ pip_install -r requirements/cpu.lock
 pip_install -e .
 # A venv made by an older set-up may still hold them: remove, never fail if absent.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The browser test renders a run's report in headless Chromium (Debian's `chromium`): installed when missing,
+# never failing the set-up when it cannot be (no apt-get, no root or passwordless sudo, offline): that test then skips.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  apt_chromium() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "$@" >/dev/null 2>&1; }
+  { apt_chromium install -y -q chromium || { apt_chromium update -q && apt_chromium install -y -q chromium; }; } \
+    || echo "set-up: note: chromium could not be installed with apt-get; the browser test will be skipped" >&2
+fi
 .venv/bin/python -W ignore - <<'PY'
 import importlib, sys
 for mod in ("torch", "transformers", "megatron.core", "vllm", "gemma4_support"):

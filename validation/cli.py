@@ -1,10 +1,13 @@
 """gemma4-validate: make fixtures, discover a model's layer families, run the validation stages.
 
-`run` exits 0 when every selected stage passed, 1 when a test failed or the run did not complete (crashed, stopped
-by pytest, collection or internal error), 2 on a usage error, 3 when a selected stage ran no tests (status not_run)
-unless --allow-not-run is given, and 128 + the signal's number (130 SIGINT, 143 SIGTERM) when it was interrupted: the
-signal is forwarded to the whole run (pytest, its workers, the vLLM servers they started), which writes its reports
-as interrupted and stops; the run also dies with this process."""
+`run` runs the selected stages in workflow order, each in its own pytest session with its own time limit
+(--stage-timeout), into one run folder (validation/workflow.py); a stage after a failed one is blocked unless
+--keep-going, and transient start-up failures are retried (--retries). It exits 0 when every selected stage passed,
+1 when a stage failed, timed out or did not complete (crashed, stopped by pytest, collection or internal error), 2 on
+a usage error, 3 when a stage was blocked or a selected stage ran no tests (status not_run; unless --allow-not-run),
+and 128 + the signal's number (130 SIGINT, 143 SIGTERM) when it was interrupted: the signal is forwarded to the
+running stage (pytest, its workers, the vLLM servers they started), which writes its reports as interrupted and
+stops; no later stage starts, and the run also dies with this process."""
 from __future__ import annotations
 
 import argparse
@@ -13,17 +16,17 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from gemma4_support.errors import Gemma4Error
+from validation import compare_cli
 
 SUITE = Path(__file__).resolve().parent  # the installed (or checked-out) validation package: the tests live here
 # What pyproject.toml's addopts give a run from the checkout; the CLI runs without any ini file.
 SUITE_OPTIONS = ("--strict-markers", "--dist", "loadgroup", "-p", "validation.plugin", "-p", "validation.conftest_vllm")
-# pytest's exit codes onto ours (1 not green, 2 usage error), keeping 3 for "a selected stage ran no tests".
-_PYTEST_EXIT = {1: 1, 2: 1, 3: 1, 4: 2}  # failed, interrupted, internal error, usage error
 _FORWARDED = (signal.SIGINT, signal.SIGTERM)
 _STOP_AFTER_SIGNAL_S = 120.0  # after a forwarded signal: time for the run to write its reports and stop its servers
 
@@ -91,8 +94,10 @@ def _selected_stages(args: argparse.Namespace) -> list[str]:
     return stages
 
 
-def pytest_command(args: argparse.Namespace, stages: list[str], run_dir_file: Path) -> list[str]:
-    """The pytest command line of a run: the installed suite, the stages' markers and the suite's options."""
+def pytest_command(args: argparse.Namespace, stages: list[str], run_dir_file: Path,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """The pytest command line of a run: the installed suite, the stages' markers, the suite's options, `extra`,
+    then the user's own pytest arguments."""
     # No ini file, and conftest files only from the suite itself: the same run from any directory, installed or not.
     cmd = [sys.executable, "-m", "pytest", str(SUITE), "-c", os.devnull, "--rootdir", str(SUITE.parent),
            "--confcutdir", str(SUITE), *SUITE_OPTIONS, "-p", "no:cacheprovider",
@@ -108,20 +113,16 @@ def pytest_command(args: argparse.Namespace, stages: list[str], run_dir_file: Pa
         cmd += ["--gemma4-full-depth"]
     if not any(a == "--tb" or a.startswith("--tb=") for a in args.pytest_args):
         cmd += ["--tb=short"]  # readable failing logs unless the user chose their own
-    return cmd + list(args.pytest_args)
-
-
-def _not_run(run_dir_file: Path, stages: list[str]) -> list[str] | None:
-    """The selected stages the run's summary.json reports `not_run` (None when the run wrote no summary)."""
-    try:
-        summary = json.loads((Path(run_dir_file.read_text().strip()) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return [s for s in summary.get("not_run", []) if s in stages]
+    return cmd + list(extra) + list(args.pytest_args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    stages = _selected_stages(args)
+    from validation.workflow import Workflow, in_workflow_order, parse_stage_timeouts, run_workflow, write_run
+
+    if args.retries < 0:
+        raise Gemma4Error(f"--retries {args.retries} is negative", "pass --retries 0 (no retry) or more")
+    workflow = Workflow(in_workflow_order(_selected_stages(args)), parse_stage_timeouts(args.stage_timeout),
+                        args.retries, args.keep_going)
     if args.model:
         from gemma4_support.convert.preflight import preflight
 
@@ -129,39 +130,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"gemma4-validate: warning: {warning}", file=sys.stderr)
     if args.chat_template and not Path(args.chat_template).is_file():
         raise Gemma4Error(f"chat template {args.chat_template} is not a file", "pass a Jinja chat template file")
-    from gemma4_support.reports.files import ensure_report_dir
+    if args.baseline and not Path(args.baseline).is_dir():
+        raise Gemma4Error(f"--baseline {args.baseline} is not a folder", "pass an earlier run folder or a report folder")
+    from gemma4_support.reports.files import new_run_dir
 
-    ensure_report_dir(Path(args.report_dir or "reports"))  # one line now, not a pytest error later
-    with tempfile.TemporaryDirectory(prefix="gemma4-validate-") as tmp:
-        run_dir_file = Path(tmp) / "run_dir"
-        rc, received = run_supervised(pytest_command(args, stages, run_dir_file))
-        not_run = _not_run(run_dir_file, stages)
-        run_dir = run_dir_file.read_text().strip() if run_dir_file.is_file() else "none written"
-    if received is not None:
-        name = signal.Signals(received).name
+    run = new_run_dir(Path(args.report_dir or "reports"))  # one line now (bad --report-dir), not a pytest error later
+    code, summary, tests = run_workflow(args, workflow, run)
+    write_run(run, summary, tests)
+    for name, stage in summary["stages"].items():
+        if stage["status"] != "not_selected":
+            tries = f", {len(stage['attempts'])} attempts" if len(stage["attempts"]) > 1 else ""
+            why = f": {stage['reason']}" if stage["status"] in ("blocked", "timed_out", "error") else ""
+            print(f"gemma4-validate: {name}: {stage['status']}{tries}{why}", file=sys.stderr)
+    print(f"gemma4-validate: verdict {summary['verdict']} (complete: {str(summary['complete']).lower()}), exit {code}; "
+          f"reports: {run}", file=sys.stderr)
+    if code >= 128:
+        name = signal.Signals(code - 128).name
         print(f"gemma4-validate: interrupted by {name}: the run (pytest, its workers, their vLLM servers) was stopped "
-              f"and is not complete; reports: {run_dir}", file=sys.stderr)
-        return 128 + received
-    if rc < 0:  # pytest itself was killed by a signal
-        return 128 - rc
-    if rc not in (0, 5) or not_run is None:
-        return _PYTEST_EXIT.get(rc, rc)
-    if not_run and not args.allow_not_run:
-        print(f"gemma4-validate: stage(s) {', '.join(not_run)} ran no tests (not_run), so the run is not green — "
-              "fix: select stages that have tests (--stages), or pass --allow-not-run", file=sys.stderr)
-        return 3
-    if not_run:
-        print(f"gemma4-validate: stage(s) {', '.join(not_run)} ran no tests (not_run; allowed by --allow-not-run)",
-              file=sys.stderr)
-    return 0
+              f"and is not complete; reports: {run}", file=sys.stderr)
+    elif summary["not_run"] and code == 3:
+        print(f"gemma4-validate: stage(s) {', '.join(summary['not_run'])} ran no tests (not_run), so the run is not "
+              "green — fix: select stages that have tests (--stages), or pass --allow-not-run", file=sys.stderr)
+    elif summary["not_run"]:
+        print(f"gemma4-validate: stage(s) {', '.join(summary['not_run'])} ran no tests (not_run; allowed by "
+              "--allow-not-run)", file=sys.stderr)
+    return code
 
 
-def run_supervised(cmd: list[str]) -> tuple[int, int | None]:
+class Supervised(NamedTuple):
+    """How a supervised command ended: its exit code, the first signal this process received while it ran (None if
+    none), and whether it was stopped for running past its time limit."""
+
+    returncode: int
+    received: int | None
+    timed_out: bool
+
+
+def run_supervised(cmd: list[str], timeout_s: float | None = None) -> Supervised:
     """Run `cmd` as a supervised process group that dies with this process, forwarding SIGINT and SIGTERM to all of
-    it and waiting for it; returns its exit code and the first signal this process received (None if none)."""
+    it and waiting for it; past `timeout_s` it gets SIGTERM (an orderly interrupt: reports written) and is stopped."""
     from gemma4_support.serving.process import spawn
 
     received: list[tuple[int, float]] = []  # (signal, monotonic time it arrived)
+    expired: list[float] = []  # when the time limit ran out
     child = None
 
     def forward(signum: int, _frame: object) -> None:
@@ -172,11 +183,17 @@ def run_supervised(cmd: list[str]) -> tuple[int, int | None]:
     previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
     try:
         child = spawn(cmd, None, env=os.environ.copy(), stop_grace_s=10.0)
+        started = time.monotonic()
         if received:  # arrived while it was starting
             child.send_signal(received[0][0])
         while child.popen.poll() is None:
             if received and time.monotonic() - received[0][1] > _STOP_AFTER_SIGNAL_S:
                 break  # it had its time to stop in order: stop() below ends it
+            if timeout_s is not None and not expired and time.monotonic() - started > timeout_s:
+                expired.append(time.monotonic())
+                child.send_signal(signal.SIGTERM)
+            if expired and time.monotonic() - expired[0] > _STOP_AFTER_SIGNAL_S:
+                break
             child.refresh_process_tree()
             try:
                 child.popen.wait(timeout=1.0)
@@ -188,7 +205,7 @@ def run_supervised(cmd: list[str]) -> tuple[int, int | None]:
             signal.signal(sig, handler)
     if left:
         print(f"gemma4-validate: warning: processes of the run survived SIGKILL: {left}", file=sys.stderr)
-    return child.popen.returncode, (received[0][0] if received else None)
+    return Supervised(child.popen.returncode, received[0][0] if received else None, bool(expired))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Gemma 4 chat template (Jinja) for the tokenization stage (default: the model's own)")
         p.add_argument("--allow-not-run", action="store_true",
                        help="exit 0 even when a selected stage has no tests (status not_run; otherwise exit 3)")
+        p.add_argument("--stage-timeout", action="append", default=None, metavar="[STAGE=]S",
+                       help="a stage's time limit in seconds: S for every stage, STAGE=S for one (repeatable; default "
+                            "3 h each); a stage past it is stopped and recorded timed_out")
+        p.add_argument("--retries", type=int, default=1, metavar="N",
+                       help="run a stage again up to N times when it failed only on transient start-up failures "
+                            "(port in use, vLLM start time-out, connection refused); default 1")
+        p.add_argument("--keep-going", action="store_true",
+                       help="run the stages after a failed one (default: they are recorded blocked)")
+        p.add_argument("--baseline", default=None, metavar="RUN",
+                       help="an earlier run folder (or a report folder: the run its LATEST names) whose gates "
+                            "index.html compares this run's with")
     rn.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments after --")
     parser.set_defaults(pytest_args=[])
+    compare_cli.add_parser(sub)
     return parser
 
 
@@ -223,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.pytest_args and args.pytest_args[0] == "--":
         args.pytest_args = args.pytest_args[1:]
-    handlers = {"fixtures": _cmd_fixtures, "discover": _cmd_discover, "run": _cmd_run, None: _cmd_run}
+    handlers = {"fixtures": _cmd_fixtures, "discover": _cmd_discover, "run": _cmd_run, None: _cmd_run,
+                "compare": compare_cli.cmd_compare}
     try:
         return handlers[args.command](args)
     except Gemma4Error as exc:

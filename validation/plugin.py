@@ -9,6 +9,9 @@ A run's verdict is its real outcome: SIGTERM interrupts the controller and every
 `interrupted`, never passed, and a run that was interrupted, stopped early or hit a collection or internal error
 leaves its folder marked INCOMPLETE with every affected stage `interrupted` / `error`; `LATEST` moves only to a
 complete run. Signals that arrive while the reports are written are held until they are written (as interrupted).
+With `--gemma4-stage-run DIR` (gemma4-validate's workflow: one session per stage) the session writes its stages' JSONs
+into that run folder (with what the workflow's summary needs, and each failing test's transient start-up failure, if
+it was one) and leaves the summary, page, INCOMPLETE marker and LATEST to the workflow.
 
 `SUITE_OPTION_VALUES` (entry point `pytest11: gemma4-suite-options`) lets the suite's path options take their value
 as a separate argument outside the repository. PYTEST_DONT_REWRITE: that entry point imports this module before
@@ -34,7 +37,8 @@ from gemma4_support.errors import Gemma4Error
 from gemma4_support.reports.files import finish_run, jsonable, mark_incomplete, new_run_dir, write_atomic, write_json
 from gemma4_support.reports.html import render_run
 from gemma4_support.runtime import RuntimeConfig, set_runtime
-from validation.stages import EXTRA_MARKERS, STAGES, count_outcomes, outcome_of, selected_stages, stage_of, stage_status
+from validation.stages import (EXTRA_MARKERS, STAGES, count_outcomes, outcome_of, selected_stages, stage_of,
+                               stage_status, transient_start_failure)
 
 if TYPE_CHECKING:
     from gemma4_support.metrics import Gate, GateResult
@@ -77,6 +81,11 @@ OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--gemma4-run-dir-file", dict(default=None, metavar="FILE",
                                    help="write this run's report folder to FILE when the session ends "
                                         "(gemma4-validate reads it)")),
+    ("--gemma4-stage-run", dict(default=None, metavar="DIR",
+                                help="write the selected stages' JSONs into this existing run folder, no INCOMPLETE "
+                                     "marker or LATEST, and a summary and page only when the session does not "
+                                     "complete: gemma4-validate's workflow runs each stage so and writes the run's "
+                                     "summary, page and LATEST once at the end (replacing such a summary)")),
     ("--throughput-tokens", dict(type=int, default=8192, metavar="N",
                                  help="tokens per step of the GPU throughput test (one packed row of two documents; "
                                       "HF: 2 x N/2)")),
@@ -233,19 +242,35 @@ def pytest_configure(config: pytest.Config) -> None:
     if _is_worker(config):
         config.stash[_RUN_DIR] = Path(config.workerinput["gemma4_run_dir"])
     elif not (config.option.collectonly or config.option.help):
+        stage_run = config.getoption("--gemma4-stage-run")
         base = Path(config.invocation_params.dir) / (config.getoption("--report-dir") or "reports")
+        if stage_run and not Path(stage_run).is_dir():
+            raise pytest.UsageError(f"--gemma4-stage-run: {stage_run} is not a run folder — fix: pass the folder "
+                                    "gemma4-validate made for this run")
         try:
-            run = new_run_dir(base)
+            run = Path(stage_run).absolute() if stage_run else new_run_dir(base)
         except Gemma4Error as exc:
             raise pytest.UsageError(f"--report-dir: {exc}") from None
         config.stash[_RUN_DIR] = run
-        config.pluginmanager.register(_RunCollector(config, run), "gemma4-run-collector")
+        config.pluginmanager.register(_RunCollector(config, run, stage_only=bool(stage_run)), "gemma4-run-collector")
     _install_interrupts(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     for sig, handler in config.stash.get(_HANDLERS, {}).items():
         signal.signal(sig, handler)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failing report whose exception is a transient start-up failure says so (`gemma4_transient`, which travels
+    with the report through pytest-xdist): gemma4-validate's workflow retries such a stage."""
+    report = yield
+    if report.failed and call.excinfo is not None:
+        reason = transient_start_failure(call.excinfo.value, call.when)
+        if reason:
+            report.gemma4_transient = reason
+    return report
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -338,9 +363,10 @@ def run_dir(pytestconfig: pytest.Config) -> Path:
 class _RunCollector:
     """Controller-side: gathers every test's outcome and records, and writes the run's reports."""
 
-    def __init__(self, config: pytest.Config, run: Path) -> None:
+    def __init__(self, config: pytest.Config, run: Path, stage_only: bool = False) -> None:
         self.config = config
         self.run = run
+        self.stage_only = stage_only  # a stage of gemma4-validate's workflow: its stage JSONs only
         self.tests: dict[str, dict] = {}
         self.collection_errors: list[dict] = []
         self.collection_skipped = 0
@@ -358,7 +384,7 @@ class _RunCollector:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         entry = self.tests.setdefault(report.nodeid, {
             "nodeid": report.nodeid, "stage": stage_of(report.keywords), "outcome": "interrupted", "finished": False,
-            "counted": [], "duration_s": 0.0, "records": [], "longrepr": None,
+            "counted": [], "duration_s": 0.0, "records": [], "longrepr": None, "transient": None,
         })
         entry["duration_s"] += report.duration
         entry["records"].extend(v for k, v in report.user_properties if k == _RECORD_KEY and v not in entry["records"])
@@ -370,6 +396,7 @@ class _RunCollector:
             entry["longrepr"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         elif report.failed:
             entry["longrepr"] = str(report.longrepr)[-4000:]
+            entry["transient"] = entry["transient"] or getattr(report, "gemma4_transient", None)
         entry["outcome"] = outcome_of(entry["counted"], entry["finished"])
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -414,9 +441,9 @@ class _RunCollector:
                     break
                 state, reason = "interrupted", f"{held[0]} received while the reports were written"
                 exitstatus = session.exitstatus = pytest.ExitCode.INTERRUPTED
-            if state == "complete":
+            if state == "complete" and not self.stage_only:  # a workflow's stage: the workflow finishes the run
                 finish_run(self.run)
-            else:
+            elif not self.stage_only:
                 mark_incomplete(self.run, f"{state}: {reason}")
             self.outcome = "complete" if state == "complete" else f"not complete: {state}, {reason}"
             pointer = self.config.getoption("--gemma4-run-dir-file")
@@ -435,15 +462,25 @@ class _RunCollector:
         run = {"complete": complete, "state": state, "reason": reason}
         selected = selected_stages(self.config.getoption("markexpr"))
         tests = list(self.tests.values())
+        other = [t for t in tests if t["stage"] is None]
         stages = {}
         for stage in STAGES:
+            if self.stage_only and stage.name not in selected:
+                continue  # another stage's session writes that one
             mine = [t for t in tests if t["stage"] == stage.name]
             doc = {"stage": stage.name, "marker": stage.marker, "description": stage.description,
                    "status": stage_status([t["outcome"] for t in mine], state, stage.name in selected),
                    "counts": count_outcomes(mine), "run": run, "provenance": provenance, "tests": mine}
+            if self.stage_only:  # what the workflow's summary needs of this session
+                doc["session"] = {"exit_status": exitstatus, "duration_s": round(time.monotonic() - self.t0, 2),
+                                  "started_utc": self.started.isoformat(timespec="seconds"),
+                                  "collection": {"errors": self.collection_errors, "skipped": self.collection_skipped},
+                                  "unstaged": other, "selection": self.config.getoption("markexpr") or None,
+                                  "options": {flag.lstrip("-"): self.config.getoption(flag) for flag, _ in OPTIONS}}
             write_json(self.run / f"{stage.name}.json", doc)
             stages[stage.name] = {"status": doc["status"], "counts": doc["counts"]}
-        other = [t for t in tests if t["stage"] is None]
+        if self.stage_only and complete:
+            return  # else the session's own summary and page below: the run's, should gemma4-validate die before its own
         totals = count_outcomes(tests)
         totals["error"] += len(self.collection_errors)
         totals["skipped"] += self.collection_skipped

@@ -102,3 +102,33 @@ def selected_stages(markexpr: str | None) -> set[str]:
                    for other in (False, True))
 
     return {s.name for s in STAGES if can_select(s.marker)}
+
+
+# A transient start-up failure: a server that could not start or be reached before any comparison began (retried by
+# gemma4-validate's workflow); anything else is a real failure. Matched on the library's own ServerError lines.
+TRANSIENT_START = (
+    ("address already in use", "port in use"),
+    ("was not healthy after", "vLLM engine start timeout"),
+    ("nothing is listening at", "connection refused"),
+)
+
+
+def transient_start_failure(exc: BaseException | None, when: str) -> str | None:
+    """Why `exc` (raised in a test's phase `when`) is a transient start-up failure, or None when it is a real one:
+    a ServerError of a start that failed by port, time-out or refusal (anywhere in the exception's chain), or a refused
+    connection / port in use while the test was being set up."""
+    import errno
+
+    from gemma4_support.errors import ServerError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ServerError):
+            text = str(exc).lower()
+            return next((f"{kind}: {str(exc).splitlines()[0][:300]}" for pattern, kind in TRANSIENT_START
+                         if pattern in text), None)
+        if when == "setup" and isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.ECONNREFUSED):
+            return f"{'port in use' if exc.errno == errno.EADDRINUSE else 'connection refused'}: {exc}"
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -14,6 +14,7 @@ import torch
 
 from gemma4_support.lora import LoraConfig, LoraAdapters, attach_lora, load_adapter, save_adapter, save_merged
 from gemma4_support.model.build import load_model, model_spec
+from gemma4_support.reports.html import HISTOGRAM_KEY, log10_histogram
 from gemma4_support.runtime import get_runtime
 from gemma4_support.serving import ServerArgs, attach_server, start_server, vllm_distribution
 from validation import mismatch as M
@@ -177,6 +178,8 @@ def _trainer_side(lab: Lab, served: Served, samples: list, *, replay: bool = Tru
     scores = M.trainer_scores(model, [r.to(next(model.parameters()).device) for r in rows], where, replay=replay)
     info = {"routing_source": source if model.spec.moe is not None else "none (dense)", "rows": len(rows),
             "row_tokens": rows[0].length, "branches": int(max(r.branches().max() for r in rows))}
+    sampled = torch.cat([torch.tensor(s.choice.logprobs, dtype=torch.float64) for s in samples])
+    info[HISTOGRAM_KEY] = log10_histogram((torch.cat(scores.logprobs).double() - sampled).abs().tolist())
     return M.compare(samples, scores), info
 
 

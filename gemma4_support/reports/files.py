@@ -16,6 +16,7 @@ from gemma4_support.errors import Gemma4Error
 
 INCOMPLETE = "INCOMPLETE"  # marker file in a run folder whose run has not (or never) completed
 LATEST = "LATEST"  # file beside the run folders naming the newest complete run
+FILE_MODE, DIR_MODE = 0o644, 0o755  # reports are read by others (a web server, CI uploaders): not mkstemp's 0600
 _REPORT_DIR_FIX = "pass --report-dir a directory you can write to (it is created if missing)"
 
 
@@ -48,6 +49,7 @@ def new_run_dir(base: Path) -> Path:
         path = base / f"run-{stamp}-{secrets.token_hex(3)}"
         try:
             path.mkdir()
+            path.chmod(DIR_MODE)
             break
         except FileExistsError:
             continue
@@ -71,11 +73,12 @@ def finish_run(run: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write text to `path` atomically (temp file in the same folder, fsync, rename)."""
+    """Write text to `path` atomically (temp file in the same folder, fsync, rename), readable by all (0644)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
