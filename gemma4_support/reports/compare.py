@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,14 @@ def resolve_run(path: Path | str) -> Path:
     raise Gemma4Error(f"{path} is not a run folder (no summary.json, no LATEST)", _RUN_FIX)
 
 
+def records(tests: Iterable[dict], kind: str) -> Iterator[tuple[dict, dict]]:
+    """(test, record) for every record of `kind` ("gate", "sensitivity", "info") in a stage report's tests."""
+    for test in tests:
+        for rec in test.get("records", []):
+            if rec.get("kind") == kind:
+                yield test, rec
+
+
 def gate_values(run: Path) -> tuple[dict[tuple[str, str, str, str], dict], list[str]]:
     """A run's gate results keyed by (stage, test, case, metric), and notes about the run (incomplete, unreadable)."""
     notes: list[str] = []
@@ -142,12 +151,9 @@ def gate_values(run: Path) -> tuple[dict[tuple[str, str, str, str], dict], list[
         except (OSError, ValueError):
             notes.append(f"{run.name}/{stage}.json is missing or unreadable")
             continue
-        for test in doc.get("tests", []):
-            for rec in test.get("records", []):
-                if rec.get("kind") != "gate":
-                    continue
-                for gate in rec.get("gates", []):
-                    out[(stage, test["nodeid"], rec["case"], gate["metric"])] = gate
+        for test, rec in records(doc.get("tests", []), "gate"):
+            for gate in rec.get("gates", []):
+                out[(stage, test["nodeid"], rec["case"], gate["metric"])] = gate
     return out, notes
 
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from gemma4_support.reports.compare import Comparison, as_float, margin
+from gemma4_support.reports.compare import Comparison, as_float, margin, records
 
 esc = html.escape
 HISTOGRAM_KEY = "abs_delta_log10_histogram"  # a record's info key holding a |Δ log-prob| histogram (log10_histogram)
@@ -257,17 +257,14 @@ def _stage_rows(summary: dict, by_stage: dict[str, list[dict]], run_dir: Path | 
 def _gates_table(tests: Sequence[dict]) -> str:
     """Every gate of the stage's tests: test, case, metric, value, threshold, margin, verdict (failing rows first)."""
     rows = []
-    for t in tests:
-        for rec in t.get("records", []):
-            if rec.get("kind") != "gate":
-                continue
-            for g in rec["gates"]:
-                room = margin(g["op"], g["value"], g["threshold"])
-                rows.append((g["passed"], f"<tr class='{'passed' if g['passed'] else 'failed fail-row'}'>"
-                             f"<td><code>{esc(_short(t['nodeid']))}</code></td><td>{esc(rec['case'])}</td>"
-                             f"<td>{esc(g['metric'])}</td><td class='num'>{esc(_fmt(g['value']))}</td>"
-                             f"<td class='num'>{esc(g['op'])} {esc(_fmt(g['threshold']))}</td>"
-                             f"<td class='num'>{_pct(room)}</td><td>{'ok' if g['passed'] else 'FAIL'}</td></tr>"))
+    for t, rec in records(tests, "gate"):
+        for g in rec["gates"]:
+            room = margin(g["op"], g["value"], g["threshold"])
+            rows.append((g["passed"], f"<tr class='{'passed' if g['passed'] else 'failed fail-row'}'>"
+                         f"<td><code>{esc(_short(t['nodeid']))}</code></td><td>{esc(rec['case'])}</td>"
+                         f"<td>{esc(g['metric'])}</td><td class='num'>{esc(_fmt(g['value']))}</td>"
+                         f"<td class='num'>{esc(g['op'])} {esc(_fmt(g['threshold']))}</td>"
+                         f"<td class='num'>{_pct(room)}</td><td>{'ok' if g['passed'] else 'FAIL'}</td></tr>"))
     if not rows:
         return ""
     rows.sort(key=lambda r: r[0])  # stable: failing gates first, the rest in run order
@@ -279,17 +276,14 @@ def _gates_table(tests: Sequence[dict]) -> str:
 def _sensitivity_table(tests: Sequence[dict]) -> str:
     """Each deliberately broken variant: the gate(s) that caught it with the measured value (caught is good)."""
     rows = []
-    for t in tests:
-        for rec in t.get("records", []):
-            if rec.get("kind") != "sensitivity":
-                continue
-            caught_by = [g for g in rec["gates"] if not g["passed"] and g["value"] is not None]
-            gates = "<br>".join(f"{esc(g['metric'])} = {esc(_fmt(g['value']))} (gate {esc(g['op'])} "
-                                f"{esc(_fmt(g['threshold']))})" for g in caught_by) or "no gate failed"
-            ok = bool(rec.get("caught"))
-            rows.append(f"<tr class='{'caught' if ok else 'failed fail-row'}'><td><code>{esc(_short(t['nodeid']))}"
-                        f"</code></td><td>{esc(rec['case'])}</td><td>{gates}</td>"
-                        f"<td>{'caught' if ok else 'NOT caught'}</td></tr>")
+    for t, rec in records(tests, "sensitivity"):
+        caught_by = [g for g in rec["gates"] if not g["passed"] and g["value"] is not None]
+        gates = "<br>".join(f"{esc(g['metric'])} = {esc(_fmt(g['value']))} (gate {esc(g['op'])} "
+                            f"{esc(_fmt(g['threshold']))})" for g in caught_by) or "no gate failed"
+        ok = bool(rec.get("caught"))
+        rows.append(f"<tr class='{'caught' if ok else 'failed fail-row'}'><td><code>{esc(_short(t['nodeid']))}"
+                    f"</code></td><td>{esc(rec['case'])}</td><td>{gates}</td>"
+                    f"<td>{'caught' if ok else 'NOT caught'}</td></tr>")
     if not rows:
         return ""
     return ("<h3>sensitivity (broken on purpose; a gate must catch each)</h3><table class='sensitivity'><tr>"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SupervisedProcess", "set_pdeathsig", "spawn", "tail", "wait_until"]
+__all__ = ["SupervisedProcess", "set_pdeathsig", "spawn", "stop_at_exit", "tail", "wait_until"]
 
 _LIVE: set["SupervisedProcess"] = set()
 _LIVE_LOCK = threading.Lock()
@@ -206,12 +206,17 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, child: SupervisedPro
         time.sleep(interval_s)
 
 
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for child in live:
+def stop_at_exit(live: set, lock: threading.Lock, grace_s: float = 5.0) -> None:
+    """Stop each object of `live` (anything with stop(grace_s=...)) at interpreter exit; a failure stops no other."""
+    with lock:
+        pending = list(live)
+    for item in pending:
         try:
-            child.stop(grace_s=5.0)
+            item.stop(grace_s=grace_s)
         except Exception:
             pass
+
+
+@atexit.register
+def _stop_all() -> None:
+    stop_at_exit(_LIVE, _LIVE_LOCK)

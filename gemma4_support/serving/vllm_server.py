@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from gemma4_support.errors import ServerError
 from gemma4_support.ports import free_port
 from gemma4_support.serving.client import health_ok, health_status, port_held_here, served_models
-from gemma4_support.serving.process import SupervisedProcess, spawn, tail, wait_until
+from gemma4_support.serving.process import SupervisedProcess, spawn, stop_at_exit, tail, wait_until
 
 if TYPE_CHECKING:
     from gemma4_support.serving.client import VLLMClient
@@ -333,10 +333,4 @@ def attach_server(url: str, model: str | None = None, timeout_s: float = 60.0, r
 
 @atexit.register
 def _stop_owned() -> None:  # runs before process.py's own exit hook, so each scratch directory goes too
-    with _OWNED_LOCK:
-        owned = list(_OWNED)
-    for server in owned:
-        try:
-            server.stop(grace_s=5.0)
-        except Exception:
-            pass
+    stop_at_exit(_OWNED, _OWNED_LOCK)
