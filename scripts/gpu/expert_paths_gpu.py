@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +25,7 @@ from gemma4_support.metrics import named_tensor_metrics, tensor_diff  # noqa: E4
 from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.model.mlp import Gemma4MoE, set_expert_path  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
+from validation.throughput import timed  # noqa: E402
 
 
 def moe_block(small: bool, dtype: torch.dtype, device: str) -> Gemma4MoE:
@@ -88,17 +87,8 @@ def timing(small: bool, device: str, tokens: int, reps: int = 5) -> dict:
         def step() -> None:
             block(x, x).float().square().mean().backward()
 
-        step()
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        out[path] = {"seconds": statistics.median(times), "tok_per_s": tokens / statistics.median(times)}
+        rec, _ = timed(step, device, warmup=1, reps=reps)
+        out[path] = {"seconds": rec["seconds"], "tok_per_s": tokens / rec["seconds"]}
     out["grouped_speedup"] = out["sequential"]["seconds"] / out["grouped"]["seconds"]
     return out
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +29,7 @@ from gemma4_support.attention.block_masks import build_block_mask  # noqa: E402
 from gemma4_support.attention.masks import packing_dense_mask  # noqa: E402
 from gemma4_support.metrics import tensor_diff  # noqa: E402
 from gemma4_support.packing import PackedRow  # noqa: E402
+from validation.throughput import timed  # noqa: E402
 
 FLEX_TILES = {  # kernel_options tried for head dim 512 (forward BLOCK_M/N; backward M1/N1/M2/N2)
     "flex_t32": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4,
@@ -75,21 +74,6 @@ def flex(options: dict):  # noqa: ANN201
     return attend
 
 
-def timed(fn, device: str, reps: int = 5, warmup: int = 2) -> float:  # noqa: ANN001
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -129,16 +113,16 @@ def main() -> None:
         try:
             if device == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
             out, grads = run(attend, m, torch.bfloat16)
             entry["out"] = tensor_diff(ref_out, out)
             entry["grads"] = {g: tensor_diff(b, a) for g, a, b in zip("qkv", grads, ref_grads)}
             qi, ki, vi = (t.detach().requires_grad_(True) for t in (q, k, v))
             with torch.no_grad():
-                entry["forward_ms"] = 1e3 * timed(lambda: attend(q, k, v, m), device)
-            entry["train_ms"] = 1e3 * timed(lambda: attend(qi, ki, vi, m).backward(grad_out), device)
+                forward, _ = timed(lambda: attend(q, k, v, m), device, warmup=2, reps=5)
+            train, _ = timed(lambda: attend(qi, ki, vi, m).backward(grad_out), device, warmup=2, reps=5)
+            entry["forward_ms"], entry["train_ms"] = 1e3 * forward["seconds"], 1e3 * train["seconds"]
             if device == "cuda":
-                entry["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                entry["peak_gib"] = train["peak_gib"]  # the forward + backward's own peak
         except Exception as exc:  # a kernel that cannot run these shapes is a result, not a crash
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         results[name] = entry
