@@ -278,23 +278,7 @@ def pytest_configure_node(node) -> None:  # pytest-xdist: hand the run folder to
     node.workerinput["gemma4_run_dir"] = str(node.config.stash[_RUN_DIR])
 
 
-def _restore_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Make `--dist loadgroup` group again: pytest-xdist 3.8 marks a test's group by rewriting `item._nodeid`, which
-    pytest 9 no longer reads (the node id lives in `item._id`), so every `xdist_group` was scattered over the workers
-    (two CP launches, two vLLM servers where one was meant)."""
-    if not _is_worker(config) or not getattr(config.option, "loadgroup", False):  # xdist sets it on its workers
-        return
-    from _pytest.nodeid import coerce_node_id
-
-    for item in items:
-        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                         for m in item.iter_markers("xdist_group")})
-        if groups and "@" not in item.nodeid:
-            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _restore_xdist_groups(config, items)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
