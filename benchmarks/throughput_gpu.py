@@ -74,6 +74,7 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     w = Workload(cfg, tokens=args.tokens or (256 if small else 8192), dtype="float32" if small else "bfloat16",
                  device=device, attention="dense" if small else args.attention, seed=args.seed,
                  warmup=1 if small else 2, reps=args.reps, chunk_tokens=128 if small else args.chunk_tokens,
+                 score_chunk_tokens=128 if small else args.score_chunk_tokens,
                  ceiling_n=1024 if small else 8192, expert_path=args.expert_path, hf=not args.no_hf)
     result = run(w)
     if args.no_hf:  # our variants only: the measurement table
@@ -179,7 +180,8 @@ def main() -> int:
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation (full-depth LoRA mode)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--expert-path", default="grouped", choices=("grouped", "sequential"), help="our routed experts")
-    ap.add_argument("--chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (our steps)")
+    ap.add_argument("--chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (train steps)")
+    ap.add_argument("--score-chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (scoring)")
     ap.add_argument("--no-hf", action="store_true", help="our measurements only (compare our own variants)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -220,21 +220,34 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
         pairs = zip(eager, compiled) if isinstance(eager, tuple) else [(eager, compiled)]
         return [(a.float() - b.float()).abs().max().item() for a, b in pairs]
 
+    def diff_grad(fn, x: torch.Tensor, *rest) -> float:  # noqa: ANN001
+        """The input gradient of sum(fn(x) * g) eagerly and compiled (the region's compiled backward)."""
+        g = rand(*fn.eager(x, *rest).shape)
+        grads = []
+        for run in (fn.eager, compile_region(fn, emulate_precision_casts=emulate_precision_casts)):
+            leaf = x.detach().clone().requires_grad_()
+            run(leaf, *rest).backward(g)
+            grads.append(leaf.grad.float())
+        return (grads[0] - grads[1]).abs().max().item()
+
     outputs, rows, weights = rand(512, 96), torch.randperm(512, generator=gen).view(64, 8), torch.rand(64, 8, generator=gen)
     logits = rand(16, 512) * 20
+    gelu_tanh, mid = functools.partial(torch.nn.functional.gelu, approximate="tanh"), rand(64, 1, 192) * 3
     head = diff(_head_chunk, logits, torch.randint(0, 512, (16,), generator=gen), 30.0, True)
     return {"rms_norm_max_abs": diff(rms_norm, rand(64, 96), rand(96), 1e-6)[0],
             "rope_max_abs": diff(rope_module.apply_rotary, rand(64, 1, 4, 32), rand(64, 1, 1, 32, dtype=torch.float32),
                                  rand(64, 1, 1, 32, dtype=torch.float32))[0],
             "weighted_sum_max_abs": max(diff(mlp_module.weighted_sum, outputs, rows, weights)
                                         + diff(mlp_module._weighted_sum_grads, rand(64, 96), outputs, rows, weights)[:1]),
+            "gated_activation_max_abs": diff(mlp_module.gated_activation, mid, gelu_tanh)[0],
+            "gated_activation_grad_max_abs": diff_grad(mlp_module.gated_activation, mid, gelu_tanh),
             "head_logprob_max_abs": head[0], "head_grad_max_abs": head[1]}
 
 
 @pytest.mark.slow
 def test_fused_regions_equal_eager(stage_report) -> None:
-    """The regions the model runs compiled on CUDA (RMSNorm, RoPE, the experts' weighted sum, the head's log-prob
-    chunk) equal their eager bodies: compiled with the same options on the CPU, bf16 inputs."""
+    """The regions the model runs compiled on CUDA (RMSNorm, RoPE, the experts' weighted sum, the gated GELU, the head's
+    log-prob chunk) equal their eager bodies: compiled with the same options on the CPU, bf16 inputs."""
     stage_report.check("fused regions: compiled vs eager (bf16)", _fused_region_metrics(), FUSED_REGIONS_BF16)
 
 

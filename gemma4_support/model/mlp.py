@@ -21,7 +21,7 @@ from gemma4_support.errors import ConfigError
 from gemma4_support.fused import cuda_compiled
 from gemma4_support.model.router import Gemma4Router
 
-__all__ = ["EXPERT_PATHS", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "pack_expert_weights",
+__all__ = ["EXPERT_PATHS", "GatedMLP", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "pack_expert_weights",
            "set_expert_path", "weighted_sum"]
 
 EXPERT_PATHS = ("grouped", "sequential")
@@ -33,8 +33,26 @@ _LINEARS = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallel
 
 def dense_mlp(config: TransformerConfig) -> MLP:
     """The dense gated MLP of width `config.ffn_hidden_size` (Gemma 4's "shared expert" on MoE layers)."""
-    return MLP(config, _LINEARS, ffn_hidden_size=config.ffn_hidden_size,
-               tp_group=parallel_state.get_tensor_model_parallel_group())
+    return GatedMLP(config, _LINEARS, ffn_hidden_size=config.ffn_hidden_size,
+                    tp_group=parallel_state.get_tensor_model_parallel_group())
+
+
+class GatedMLP(MLP):
+    """megatron `MLP` (same parameters and names) whose gated activation is `gated_activation`: one compiled kernel
+    on CUDA instead of megatron's chunk, GELU, add-offset and multiply (Gemma 4 has no biases and no offset)."""
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None,
+                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[s, b, h] -> ([s, b, h], output bias)."""
+        plain = (per_token_scale is None and self.config.gated_linear_unit and not self.config.bias_activation_fusion
+                 and not self.config.use_te_activation_func
+                 and not self.config.glu_linear_offset and self.config.activation_func_clamp_value is None)
+        if not plain:
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        mid, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            mid = mid + bias
+        return self.linear_fc2(gated_activation(mid, self.config.activation_func))
 
 
 class Gemma4Experts(SequentialMLP):
@@ -181,6 +199,7 @@ class _Combine(torch.autograd.Function):
         return grad_outputs, None, grad_weights
 
 
+@cuda_compiled
 def gated_activation(mid: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """[..., 2I] laid out [gate; up] -> activation(gate) * up (megatron MLP's gated linear unit)."""
     gate, up = torch.chunk(mid, 2, dim=-1)
