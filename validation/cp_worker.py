@@ -4,7 +4,7 @@
 rendezvous on a free TCP port of 127.0.0.1, and returns what CP rank 0 reported (and every rank's
 bookkeeping). Each process sets the runtime config's `cp` and builds its models through the library's real
 path (`load_model`), which wraps the requested attention backend in context parallelism. `launch(job,
-worker=MODULE)` starts another worker module the same way (`validation.tp_worker`: tensor parallelism).
+worker=MODULE)` starts another worker module the same way (`validation.parallel_worker`: tensor and expert parallelism).
 
 A job is a dict saved with torch.save:
   model_dir, depth   the HF checkpoint directory and the depth to cut it to

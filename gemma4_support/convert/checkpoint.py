@@ -22,7 +22,8 @@ from gemma4_support.convert.headers import INDEX_FILE, printable, read_inventory
 from gemma4_support.convert.mapping import NON_TEXT_PREFIXES, Entry, entries, hf_prefix
 from gemma4_support.errors import CheckpointError, combined
 
-__all__ = ["INDEX_FILE", "Accounting", "HFCheckpoint", "TensorDict", "account", "as_source", "check_hf", "hf_to_megatron",
+__all__ = ["INDEX_FILE", "Accounting", "HFCheckpoint", "TensorDict", "account", "as_source", "check_hf", "expert_index",
+           "hf_to_megatron", "local_experts", "renumber_expert",
            "iter_hf_to_megatron", "load_hf_weights", "megatron_to_hf", "save_hf_checkpoint", "tensor_state"]
 
 
@@ -234,22 +235,56 @@ def _tp_placement() -> tuple[int, int, int, int]:
             ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank())
 
 
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert number in a Megatron tensor name (`...local_experts.{e}....`), None for other tensors."""
+    found = _EXPERT.search(name)
+    return int(found.group(1)) if found else None
+
+
+def renumber_expert(name: str, shift: int) -> str:
+    """`...local_experts.{e}...` -> `...local_experts.{e + shift}...` (global <-> a rank's local numbering)."""
+    return _EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + shift}.", name, count=1)
+
+
+def local_experts(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(first global expert, count) this rank's routed-experts blocks hold; None for a model without experts."""
+    from gemma4_support.model.mlp import Gemma4Experts
+
+    block = next((m for m in model.modules() if isinstance(m, Gemma4Experts)), None)
+    return None if block is None else (block.first_expert, block.num_local_experts)
+
+
 def load_hf_weights(model: torch.nn.Module, source: Source | Mapping[str, torch.Tensor] | str | Path) -> Accounting:
     """Copy an HF checkpoint into a built Gemma4Model, row by row (cast to the model's dtype and device); at tensor
-    parallel size > 1 each rank takes its shard of every tensor, split as the weight table says."""
+    parallel size > 1 each rank takes its shard of every tensor, split as the weight table says, and at expert
+    parallel size > 1 only its own experts (renumbered from 0, as Megatron names a rank's local experts)."""
     spec = model.spec
     source = as_source(source)
     table, acc = check_hf(source, spec)
     tp, rank, expert_tp, expert_rank = _tp_placement() if getattr(model, "tp_size", 1) > 1 else (1, 0, 1, 0)
+    first, count = local_experts(model) or (0, None)
     split = {name: e.tp for e in table for name in e.megatron}
     targets = tensor_state(model.state_dict(keep_vars=True))
-    table_names = set(split)
+
+    def here(name: str) -> str | None:  # the table's (global) name -> this rank's name, None if another rank holds it
+        e = expert_index(name)
+        if e is None or count is None:
+            return name
+        return renumber_expert(name, -first) if first <= e < first + count else None
+
+    table_names = {here(n) for n in split} - {None}
     if set(targets) != table_names:
         raise CheckpointError(f"the model's tensors and the table disagree: model-only {sorted(set(targets) - table_names)[:6]}, "
                               f"table-only {sorted(table_names - set(targets))[:6]}", "fix gemma4_support.convert.mapping")
     with torch.no_grad():
         for name, tensor in iter_hf_to_megatron(source, spec):
-            target = targets[name]
+            local = here(name)
+            if local is None:
+                continue
+            target = targets[local]
             expert = ".local_experts." in name  # experts split over the expert tensor-parallel group
             tensor = split[name].shard(tensor, *((expert_tp, expert_rank) if expert else (tp, rank)))
             if tuple(target.shape) != tuple(tensor.shape):

@@ -264,11 +264,16 @@ def attach_lora(model: nn.Module, config: LoraConfig, *, dtype: torch.dtype = to
     from gemma4_support.model.mlp import Gemma4Experts
 
     spec = model.spec
+    named = dict(model.named_modules())
+    split = [m for m in named.values() if isinstance(m, Gemma4Experts) and m.num_local_experts != m.num_experts]
+    if split and config.experts:
+        raise ConfigError(f"LoRA on routed experts with expert parallelism ({split[0].num_local_experts} of "
+                          f"{split[0].num_experts} experts on this rank) is not supported",
+                          "train LoRA with expert parallel size 1, or leave the experts out (LoraConfig(experts=False))")
     adapters = adapters if adapters is not None else LoraAdapters(spec, config, dtype=dtype)
     adapters.to(next(model.parameters()).device)
     if freeze_base:
         model.requires_grad_(False)
-    named = dict(model.named_modules())
     grouped: dict[str, dict[str, list[_Site]]] = {}
     for site in _sites(spec, config):
         linear = named.get(site.megatron)

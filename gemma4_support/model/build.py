@@ -65,9 +65,6 @@ def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, device: 
     from megatron.core import parallel_state
 
     runtime = init_parallel_state(device)
-    if runtime.ep > 1:
-        raise RuntimeConfigError(f"expert parallel size {runtime.ep}: weight loading places every expert on every rank",
-                                 "run with ep=1")
     backend = attention if isinstance(attention, AttentionBackend) else attention_backend(attention, spec, device)
     if runtime.cp > 1 and not isinstance(backend, ContextParallelBackend):
         backend = ContextParallelBackend(backend, parallel_state.get_context_parallel_group())

@@ -61,8 +61,13 @@ class Gemma4Experts(SequentialMLP):
 
     def __init__(self, config: TransformerConfig) -> None:
         pg = ProcessGroupCollection.use_mpu_process_groups()
-        super().__init__(config.num_moe_experts, config, _LINEARS, pg_collection=pg)
-        self.num_experts = config.num_moe_experts
+        ep = pg.ep.size()
+        if config.num_moe_experts % ep:
+            raise ConfigError(f"{config.num_moe_experts} routed experts cannot be split over expert parallel size {ep}",
+                              "choose an expert parallel size that divides the number of experts")
+        super().__init__(config.num_moe_experts // ep, config, _LINEARS, pg_collection=pg)
+        self.num_experts = config.num_moe_experts  # all of them; this rank holds num_local_experts from first_expert
+        self.first_expert = pg.ep.rank() * self.num_local_experts
         self.path = "grouped"
         self.lora_delta: GroupedDelta | None = None  # set by LoRA on the grouped path (per-expert hooks never run)
 
@@ -73,6 +78,9 @@ class Gemma4Experts(SequentialMLP):
         order = torch.argsort(flat, stable=True)
         tokens_per_expert = torch.bincount(flat, minlength=self.num_experts)
         x = hidden[order // top_k]
+        dispatch = _ExpertDispatch(self.ep_group, tokens_per_expert) if self.ep_group.size() > 1 else None
+        if dispatch is not None:  # to the ranks holding the chosen experts, sorted by local expert there
+            x, tokens_per_expert = dispatch.send(x), dispatch.local_counts
         split = self.tp_group.size() > 1  # each expert's width split over expert-TP ranks: partial outputs
         if split:  # megatron's expert linears leave these collectives to the dispatcher (explicit_expert_comm)
             x = copy_to_tensor_model_parallel_region(x, self.tp_group)
@@ -81,9 +89,11 @@ class Gemma4Experts(SequentialMLP):
         else:
             # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
             # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
-            out, _ = self(x, tokens_per_expert, torch.ones_like(flat, dtype=weights.dtype))
+            out, _ = self(x, tokens_per_expert, torch.ones(x.shape[0], dtype=weights.dtype, device=x.device))
         if split:
             out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
+        if dispatch is not None:
+            out = dispatch.receive(out)  # back to this rank's expert-sorted rows
         # Each token's k outputs, weighted and added one at a time in expert order, as HF adds them (one index_add_
         # per expert): the same roundings in bf16, no atomics, and read in place from the expert-sorted rows.
         slot_order = indices.argsort(dim=-1, stable=True)  # [T, k]: the slot holding each token's j-th expert
@@ -119,6 +129,44 @@ class Gemma4Experts(SequentialMLP):
         if base is not None and _views_of(base, weights):
             return _PackedWeights.apply(_Holder(base), *weights)
         return torch.stack(weights)
+
+
+class _ExpertDispatch:
+    """Expert parallelism: the expert-sorted rows of this rank go to the ranks holding their experts (rank r holds
+    experts [r·L, (r+1)·L)), one all-to-all each way (torch.distributed's autograd `all_to_all_single`; megatron-core's
+allocates on CUDA only). There they are sorted by
+    local expert (stable: source rank order within an expert); `receive` undoes both. Each token's k outputs come
+    back to its own rank, where they are combined in expert order as on one device."""
+
+    def __init__(self, group: torch.distributed.ProcessGroup, tokens_per_expert: torch.Tensor) -> None:
+        ranks = group.size()
+        sent = tokens_per_expert.view(ranks, -1)  # [destination rank, its local expert]
+        received = torch.empty_like(sent)  # [source rank, my local expert]
+        torch.distributed.all_to_all_single(received, sent.contiguous(), group=group)
+        self.group = group
+        self.send_splits, self.receive_splits = sent.sum(1).tolist(), received.sum(1).tolist()  # host: split sizes
+        local = torch.arange(sent.shape[1], device=sent.device).repeat(ranks)
+        self.order = torch.argsort(torch.repeat_interleave(local, received.reshape(-1)), stable=True)
+        self.local_counts = received.sum(0)
+
+    def send(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's expert-sorted rows -> the rows of its local experts from every rank, sorted by local expert."""
+        return _all_to_all(rows, self.receive_splits, self.send_splits, self.group)[self.order]
+
+    def receive(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The local experts' outputs (in `send`'s order) -> this rank's rows, in its expert-sorted order."""
+        unsorted = torch.empty_like(self.order)
+        unsorted[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        return _all_to_all(outputs[unsorted], self.send_splits, self.receive_splits, self.group)
+
+
+def _all_to_all(rows: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group: torch.distributed.ProcessGroup) -> torch.Tensor:
+    """Rows [sum(input_splits), h] -> [sum(output_splits), h]: split k goes to rank k (differentiable)."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    out = rows.new_empty(sum(output_splits), *rows.shape[1:])
+    return all_to_all_single(out, rows.contiguous(), output_splits, input_splits, group=group)
 
 
 class _Holder:
