@@ -40,9 +40,12 @@ BROKEN_VARIANTS = {
 VARIANTS = ("none", *BROKEN_VARIANTS)
 
 
-def launch(job: dict, timeout_s: float = 300.0, worker: str = "validation.cp_worker") -> dict:
-    """Run `job` on `job["world"]` (default `job["cp"]`) gloo processes of the `worker` module; returns {run name:
-    {row name: result}} merged from every rank, and launch timings."""
+def launch(job: dict, timeout_s: float = 300.0, worker: str = "validation.cp_worker", *,
+           torchrun: list[str] | None = None) -> dict:
+    """Run `job` on `job["world"]` (default `job["cp"]`) processes of the `worker` module; returns {run name:
+    {row name: result}} merged from every rank, and launch timings. The processes are started here, one per rank
+    (gloo on 127.0.0.1), or, given `torchrun` (its arguments before the module, e.g. ["--nproc-per-node", "2"]), by
+    one `torchrun` command (the rendezvous is torchrun's; NCCL when the job's device is "cuda")."""
     world = job.get("world", job.get("cp"))
     with tempfile.TemporaryDirectory(prefix="gemma4-cp-") as tmp:
         tmp_path = Path(tmp)
@@ -52,7 +55,12 @@ def launch(job: dict, timeout_s: float = 300.0, worker: str = "validation.cp_wor
         env.pop("PYTEST_XDIST_WORKER", None)
         t0 = time.perf_counter()
         procs = []
-        for rank in range(world):
+        if torchrun is not None:
+            log = open(tmp_path / "rank0.log", "w")  # noqa: SIM115 - closed below; torchrun prefixes each rank's lines
+            cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", worker, "--job",
+                   str(tmp_path / "job.pt"), "--out", tmp]
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        for rank in range(world if torchrun is None else 0):
             log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
             cmd = [sys.executable, "-W", "ignore", "-m", worker, "--rank", str(rank),
                    "--world", str(world), "--port", str(port), "--job", str(tmp_path / "job.pt"), "--out", tmp]
@@ -105,7 +113,7 @@ def _run_row(model, run: dict, row, rank: int) -> dict:  # noqa: ANN001
 
     backend, counter = model.backend, model.backend.inner
     if run["variant"] == "packed_positions":
-        row = dataclasses.replace(row, position_ids=torch.arange(row.length))
+        row = dataclasses.replace(row, position_ids=torch.arange(row.length, device=row.input_ids.device))
     t0 = time.perf_counter()
     masks = backend.prepare_row(row, model.windows)
     plan_s = time.perf_counter() - t0
@@ -139,24 +147,46 @@ def _run_row(model, run: dict, row, rank: int) -> dict:  # noqa: ANN001
 
 
 def worker_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """A launched worker's arguments (rank, world, port, job file, output folder), parsed as `launch` passes them."""
+    """A launched worker's arguments (rank, world, port, job file, output folder), parsed as `launch` passes them;
+    under torchrun rank and world come from its environment instead."""
     parser = argparse.ArgumentParser()
     for name in ("--rank", "--world", "--port"):
-        parser.add_argument(name, type=int, required=True)
+        parser.add_argument(name, type=int, default=None)
     parser.add_argument("--job", required=True)
     parser.add_argument("--out", required=True)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.torchrun = args.rank is None
+    if args.torchrun:
+        args.rank, args.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return args
 
 
 def start_rank(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """A worker's start: its arguments, one intra-op thread, its rank in the gloo group, and the job it was given."""
+    """A worker's start: its arguments, one intra-op thread, its rank in the process group (gloo on CPU, NCCL on
+    CUDA with one GPU per local rank), the job it was given, and its device (`args.device`)."""
     import torch.distributed as dist
 
     args = worker_args(argv)
+    job = torch.load(args.job, weights_only=False)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-                            world_size=args.world)
-    return args, torch.load(args.job, weights_only=False)
+    cuda = job.get("device", "cpu") == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", args.rank)))
+    args.device = torch.device(f"cuda:{torch.cuda.current_device()}") if cuda else torch.device("cpu")
+    init = "env://" if args.torchrun else f"tcp://127.0.0.1:{args.port}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=args.rank, world_size=args.world)
+    return args, job
+
+
+def host(obj: object) -> object:
+    """Tensors inside nested dicts/lists/tuples moved to the CPU (for torch.save and pickled collectives)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host(v) for v in obj)
+    return obj
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,9 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     spec = model_spec(job["model_dir"], job.get("depth"))
     results = {}
     for run in job["runs"]:
-        model = load_model(job["model_dir"], depth=job.get("depth"), attention=_inner_backend(run, spec))
+        model = load_model(job["model_dir"], depth=job.get("depth"), attention=_inner_backend(run, spec),
+                           device=args.device, dtype=getattr(torch, job.get("dtype", "float32")))
         local = dist.get_rank(model.backend.group)
-        by_row = {name: _run_row(model, run, job["rows"][name], local) for name in run["rows"]}
+        by_row = {name: host(_run_row(model, run, job["rows"][name].to(args.device), local)) for name in run["rows"]}
         if local == 0:
             results[run["name"]] = by_row
         else:  # other ranks report only their bookkeeping

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from validation.cp_worker import launch, start_rank
+from validation.cp_worker import host, launch, start_rank
 
 BROKEN_VARIANTS = {
     "kv_split_head_dim": "K=V layers' linear_qkv split along the head-dim axis instead of between whole kv groups",
@@ -43,10 +43,45 @@ MOE_VARIANTS = ("experts_unreduced",)  # need a model with routed experts
 VARIANTS = ("none", *BROKEN_VARIANTS, *EP_BROKEN_VARIANTS)
 
 
-def parallel_launch(job: dict, timeout_s: float = 300.0) -> dict:
-    """Run `job` on `tp * ep` gloo processes; returns {run name: {row name: result}} and launch timings."""
+def parallel_launch(job: dict, timeout_s: float = 300.0, torchrun: list[str] | None = None) -> dict:
+    """Run `job` on `tp * ep` processes (gloo here, or through `torchrun` with its arguments); returns {run name:
+    {row name: result}} and launch timings."""
     job = {"ep": 1, **job}
-    return launch({**job, "world": job["tp"] * job["ep"]}, timeout_s, worker="validation.parallel_worker")
+    return launch({**job, "world": job["tp"] * job["ep"]}, timeout_s, worker="validation.parallel_worker",
+                  torchrun=torchrun)
+
+
+def probe(model, row) -> dict:  # noqa: ANN001
+    """One process's reference: the row's logits and every gradient (HF names) of the probe loss."""
+    from gemma4_support.convert.checkpoint import megatron_to_hf
+
+    model.zero_grad(set_to_none=True)
+    logits = _forward_backward(model, row)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"logits": logits, "grads": megatron_to_hf(grads, model.spec, allow_absent_rows=True)}
+
+
+def equivalence_metrics(ref: dict, res: dict) -> dict:
+    """The parallel gates' measurements against one process: logits (each data-parallel rank's row; the worst),
+    the pooled and the worst HF-named gradient's rel-L2, and the replicated gradients' spread over TP ranks where the
+    run measured it."""
+    from gemma4_support.metrics import tensor_diff
+
+    missing = sorted(set(ref["grads"]) ^ set(res["grads"]))
+    assert not missing, f"gradient names differ between the parallel run and one process: {missing[:5]}"
+    pair = [(ref["logits"], res["logits"])] if torch.is_tensor(ref["logits"]) else list(zip(ref["logits"], res["logits"]))
+    logits = max((tensor_diff(a.float(), b.float()) for a, b in pair), key=lambda d: d["max_abs_rel"])
+    names = sorted(ref["grads"])
+    pooled = tensor_diff(torch.cat([ref["grads"][n].float().flatten() for n in names]),
+                         torch.cat([res["grads"][n].float().flatten() for n in names]))
+    per = {n: tensor_diff(ref["grads"][n].float(), res["grads"][n].float())["rel_l2"] for n in names}
+    worst = max(per, key=per.get)
+    out = {"logits_max_abs_rel": logits["max_abs_rel"], "logits_max_abs": logits["max_abs"],
+           "grads_rel_l2": pooled["rel_l2"], "grads_max_abs": pooled["max_abs"],
+           "grads_worst_rel_l2": per[worst], "grads_worst": worst, "grads_tensors": len(per)}
+    if "replicated_grads_rank_spread" in res:
+        out["replicated_grads_rank_spread"] = res["replicated_grads_rank_spread"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,7 +169,7 @@ def _gather_grads(model, group, expert_group) -> tuple[dict[str, torch.Tensor], 
     split = {name: e.tp for e in entries(model.spec) for name in e.megatron}
     first, _ = local_experts(model) or (0, 0)
     ep_group, dp_group = ps.get_expert_model_parallel_group(), ps.get_data_parallel_group()
-    full, spread = {}, 0.0
+    full, spread, device = {}, 0.0, next(model.parameters()).device
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
@@ -156,10 +191,10 @@ def _gather_grads(model, group, expert_group) -> tuple[dict[str, torch.Tensor], 
         full[name] = grad
     if ep_group.size() > 1:  # each EP rank holds its own experts: gather them all (renumbered) on every rank
         held = [None] * ep_group.size()
-        dist.all_gather_object(held, {n: g for n, g in full.items() if ".local_experts." in n}, group=ep_group)
+        dist.all_gather_object(held, {n: g.cpu() for n, g in full.items() if ".local_experts." in n}, group=ep_group)
         for part in held:
-            full.update(part)
-    worst = torch.tensor([spread], dtype=torch.float64)
+            full.update({n: g.to(device) for n, g in part.items()})
+    worst = torch.tensor([spread], dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)  # rank 0 compares with itself: take every rank's
     return full, worst.item()
 
@@ -192,7 +227,7 @@ def _run_rows(model, rows: list, group, expert_group) -> dict:  # noqa: ANN001
     step_s = time.perf_counter() - t0
     grads, spread = _gather_grads(model, group, expert_group)
     every = [None] * ps.get_data_parallel_world_size()
-    dist.all_gather_object(every, logits, group=ps.get_data_parallel_group())
+    dist.all_gather_object(every, logits.cpu(), group=ps.get_data_parallel_group())
     local = {n: tuple(p.shape) for n, p in model.named_parameters()}
     return {"logits": every if len(every) > 1 else logits, "grads": megatron_to_hf(grads, model.spec, allow_absent_rows=True),
             "replicated_grads_rank_spread": spread, "step_seconds": step_s, "seq_len": [r.length for r in rows],
@@ -215,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for run in job["runs"]:
         try:
-            model = load_model(run["model_dir"], depth=run.get("depth"), attention="dense")
+            model = load_model(run["model_dir"], depth=run.get("depth"), attention="dense", device=args.device,
+                               dtype=getattr(torch, job.get("dtype", "float32")))
             if run.get("lora"):  # LoRA attached with these options (a refusal is reported as the build's)
                 from gemma4_support.lora import LoraConfig, attach_lora
 
@@ -233,10 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         broken = 0
         if run["variant"] != "none":
             broken = _break(model, run["variant"], run["model_dir"], rank, job["tp"])
-        rows = [job["rows"][name] for name in run["rows"]]
+        rows = [job["rows"][name].to(args.device) for name in run["rows"]]
         per_step = parallel_state.get_data_parallel_world_size()  # one row per data-parallel rank a step
         steps = {"+".join(run["rows"][i:i + per_step]): rows[i:i + per_step] for i in range(0, len(rows), per_step)}
-        by_step = {key: {**_run_rows(model, part, group, expert_group), "broken_layers": broken,
+        by_step = {key: {**host(_run_rows(model, part, group, expert_group)), "broken_layers": broken,
                          "tp": dist.get_world_size(group), "ep": parallel_state.get_expert_model_parallel_world_size()}
                    for key, part in steps.items()}
         _unbreak()

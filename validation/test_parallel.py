@@ -13,6 +13,7 @@ intra-op thread, as the workers do.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -21,13 +22,13 @@ import torch
 from fixtures.factory import fixture_config, fixture_dir
 from fixtures.packings import ROW_A
 from gemma4_support.config.spec import load_spec
-from gemma4_support.convert.checkpoint import megatron_to_hf
 from gemma4_support.metrics import tensor_diff
 from gemma4_support.model.build import load_model
 from gemma4_support.packing import PackedRow, pack
 from validation import thresholds as T
 from validation.hf_checkpoints import save_random_checkpoint
-from validation.parallel_worker import BROKEN_VARIANTS, EP_BROKEN_VARIANTS, MOE_VARIANTS, _forward_backward, parallel_launch
+from validation.parallel_worker import (BROKEN_VARIANTS, EP_BROKEN_VARIANTS, MOE_VARIANTS, equivalence_metrics,
+                                       parallel_launch, probe)
 
 pytestmark = [pytest.mark.stage_cp_masks, pytest.mark.xdist_group("tp_parallel"), pytest.mark.usefixtures("one_thread")]
 
@@ -75,18 +76,10 @@ def ep_rows(row, gemma4_seed) -> dict[str, PackedRow]:  # noqa: ANN001
     return rows
 
 
-def _probe(model, row: PackedRow) -> dict:  # noqa: ANN001
-    """Logits and every gradient (HF names) of the probe loss: next-token cross entropy over the row length."""
-    model.zero_grad(set_to_none=True)
-    logits = _forward_backward(model, row)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"logits": logits, "grads": megatron_to_hf(grads, model.spec, allow_absent_rows=True)}
-
-
 @pytest.fixture(scope="module")
 def tp1_reference(checkpoints, row, one_thread) -> dict:  # noqa: ANN001
     """TP = 1: each model's logits and HF-named gradients on the row (this process, world size 1)."""
-    return {name: _probe(load_model(path, attention="dense"), row) for name, path in checkpoints.items()}
+    return {name: probe(load_model(path, attention="dense"), row) for name, path in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +101,7 @@ def ep1_reference(ep_rows, one_thread) -> dict:  # noqa: ANN001
     model = load_model(fixture_dir("moe"), attention="dense")
     out = {}
     for rows in {names for names in EP_CASES.values()}:
-        probes = [_probe(model, ep_rows[name]) for name in rows]
+        probes = [probe(model, ep_rows[name]) for name in rows]
         out[rows] = {"logits": [p["logits"] for p in probes],
                      "grads": {n: sum(p["grads"][n] for p in probes) for n in probes[0]["grads"]}}
     return out
@@ -127,24 +120,6 @@ def ep2_runs(ep_rows) -> dict:  # noqa: ANN001
     return parallel_launch({"tp": 1, "ep": EP, "rows": ep_rows, "runs": runs})
 
 
-def _metrics(ref: dict, res: dict) -> dict:
-    """The TP gate's measurements: logits, each HF-named gradient's rel-L2 (worst named), the replicated spread."""
-    missing = sorted(set(ref["grads"]) ^ set(res["grads"]))
-    assert not missing, f"gradient names differ between TP = 1 and TP = {TP}: {missing[:5]}"
-    pair = [(ref["logits"], res["logits"])] if torch.is_tensor(ref["logits"]) else list(zip(ref["logits"], res["logits"]))
-    per_rank = [tensor_diff(a, b) for a, b in pair]
-    logits = max(per_rank, key=lambda d: d["max_abs_rel"])
-    names = sorted(ref["grads"])
-    pooled = tensor_diff(torch.cat([ref["grads"][n].flatten() for n in names]),
-                         torch.cat([res["grads"][n].flatten() for n in names]))
-    per = {n: tensor_diff(ref["grads"][n], res["grads"][n])["rel_l2"] for n in names}
-    worst = max(per, key=per.get)
-    return {"logits_max_abs_rel": logits["max_abs_rel"], "logits_max_abs": logits["max_abs"],
-            "grads_rel_l2": pooled["rel_l2"], "grads_max_abs": pooled["max_abs"],
-            "grads_worst_rel_l2": per[worst], "grads_worst": worst, "grads_tensors": len(per),
-            "replicated_grads_rank_spread": res["replicated_grads_rank_spread"]}
-
-
 def _info(res: dict, launch: dict) -> dict:
     return {"tp": res["tp"], "ep": res["ep"], "local_experts": res["local_experts"], "seq_len": res["seq_len"], "broken_layers": res["broken_layers"],
             "step_seconds_rank0": res["step_seconds"], "launch": launch,
@@ -157,7 +132,7 @@ def test_tp2_equivalence(case, tp2_runs, tp1_reference, stage_report) -> None:  
     """TP = 2 logits and every gradient gathered back to HF names equal TP = 1 (fp32), replicated grads equal per rank;
     the MoE model on both expert paths (grouped GEMMs, per-expert megatron MLPs) against TP = 1's grouped path."""
     res = tp2_runs[case]["A"]
-    stage_report.check(f"tp2_vs_tp1_{case}", _metrics(tp1_reference[CASES[case]], res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
+    stage_report.check(f"tp2_vs_tp1_{case}", equivalence_metrics(tp1_reference[CASES[case]], res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
                        **_info(res, tp2_runs["_launch"]))
 
 
@@ -169,7 +144,7 @@ def test_tp2_sensitivity(variant, tp2_runs, tp1_reference, stage_report) -> None
     res = tp2_runs[variant]["A"]
     assert res["broken_layers"] > 0, f"variant {variant} broke nothing"
     ref = tp1_reference[VARIANT_MODEL[variant]]
-    stage_report.expect_caught(f"tp2_{variant}", _metrics(ref, res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
+    stage_report.expect_caught(f"tp2_{variant}", equivalence_metrics(ref, res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
                                broken=BROKEN_VARIANTS[variant], **_info(res, tp2_runs["_launch"]))
 
 
@@ -197,7 +172,7 @@ def test_ep2_equivalence(case, ep2_runs, ep1_reference, stage_report) -> None:  
         extra["replay_moves_logits_max_abs"] = max(tensor_diff(a, b)["max_abs"] for a, b in
                                                    zip(ep1_reference[rows]["logits"], ep1_reference[("A", "B")]["logits"]))
         assert extra["replay_moves_logits_max_abs"] > 1e-3, "the imposed routing changed nothing: replay not exercised"
-    stage_report.check(f"ep2_vs_ep1_{case}", _metrics(ep1_reference[rows], res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
+    stage_report.check(f"ep2_vs_ep1_{case}", equivalence_metrics(ep1_reference[rows], res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
                        **_info(res, ep2_runs["_launch"]), **extra)
 
 
@@ -207,7 +182,7 @@ def test_ep2_sensitivity(variant, ep2_runs, ep1_reference, stage_report) -> None
     """Sensitivity: an EP rank holding another rank's expert weights fails the EP gate."""
     res = ep2_runs[variant]["A+B"]
     assert res["broken_layers"] > 0, f"variant {variant} broke nothing"
-    stage_report.expect_caught(f"ep2_{variant}", _metrics(ep1_reference[("A", "B")], res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
+    stage_report.expect_caught(f"ep2_{variant}", equivalence_metrics(ep1_reference[("A", "B")], res), T.CP_MASKS_TP_EQUIVALENCE_FP32,
                                broken=EP_BROKEN_VARIANTS[variant], **_info(res, ep2_runs["_launch"]))
 
 
@@ -217,3 +192,27 @@ def test_ep2_refuses_lora_on_split_experts(ep2_runs, stage_report) -> None:  # n
     message = ep2_runs["lora_on_split_experts"]["error"]
     assert "\n" not in message and "expert parallelism" in message and "experts=False" in message and "fix:" in message
     stage_report.record("ep2_lora_on_split_experts", message=message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,dtype", [("tp2", "bfloat16"), ("cp2", "float32")])
+def test_torchrun_gate(layout, dtype, tmp_path, stage_report) -> None:  # noqa: ANN001
+    """The GPU runners' command (validation/parallel_gate.py: one-device reference, then one torchrun launch of the
+    workers) on gloo: the gate passes, the layout's broken variant fails it, the report is written."""
+    from validation.parallel_gate import main
+
+    assert main(["--layout", layout, "--device", "cpu", "--dtype", dtype, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob(f"parallel_{layout}_{dtype}_*.json")
+    report = json.loads(path.read_text())
+    assert report["passed"] and report["sensitivity"]["caught"] and report["launch"]["world"] == 2
+    stage_report.record(f"torchrun_{layout}_{dtype}", metrics=report["metrics"], gates=report["gates"],
+                        sensitivity=report["sensitivity"]["metrics"], bf16_noise=report["bf16_vs_fp32_one_device"])
+
+
+def test_torchrun_gate_bad_input(capsys) -> None:  # noqa: ANN001
+    """A row length the CP chunks cannot split: exit 2 and one line naming the fix."""
+    from validation.parallel_gate import main
+
+    assert main(["--layout", "cp2", "--device", "cpu", "--tokens", "100", "--out", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--tokens 100" in err and "fix:" in err

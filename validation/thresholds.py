@@ -209,6 +209,17 @@ CP_MASKS_TP_EQUIVALENCE_FP32 = (
     Gate("grads_worst_rel_l2", "<=", 1e-4),
     Gate("replicated_grads_rank_spread", "==", 0.0),
 )
+
+
+def parallel_equivalence_bf16(bf16_noise: dict[str, float]) -> tuple[Gate, ...]:
+    """bf16 (validation/parallel_gate.py --dtype bfloat16): the parallel run may differ from one device by no more
+    than HF_PARITY_BF16_FACTOR x what bf16 itself moves one device's run from fp32 (`bf16_noise`, the same metrics
+    measured in the same run): a split that rounds its sums differently passes, a wrong split does not."""
+    return (Gate("logits_max_abs_rel", "<=", HF_PARITY_BF16_FACTOR * bf16_noise["logits_max_abs_rel"]),
+            Gate("grads_rel_l2", "<=", HF_PARITY_BF16_FACTOR * bf16_noise["grads_rel_l2"]),
+            Gate("replicated_grads_rank_spread", "==", 0.0))
+
+
 # Planning a 131,072-token packed row with W = 1024 from its geometry (all windows' BlockMasks).
 CP_MASKS_PLANNING = (Gate("plan_seconds", "<=", 1.0),)
 # Load balance of the front/back split on a single causal document: equal attention work per rank.
