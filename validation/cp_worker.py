@@ -85,6 +85,8 @@ def launch(job: dict, timeout_s: float = 300.0, worker: str = "validation.cp_wor
             raise RuntimeError(f"{worker} worker(s) failed: {failed}\n{tails}")
         merged: dict = {"_launch": {"world": world, "wall_seconds": time.perf_counter() - t0}}
         for rank in range(world):
+            if torchrun is not None and not (tmp_path / f"rank{rank}.pt").exists():
+                continue  # a rank on another node (multi-node torchrun) saved its file there
             for name, by_row in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False).items():
                 merged.setdefault(name, {}).update(by_row)
         return merged

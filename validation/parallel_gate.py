@@ -79,8 +79,10 @@ def reference(path: Path, harness: str, row_set: dict, device: str, dtype: torch
     return {"logits": [p["logits"] for p in probes], "grads": {n: sum(p["grads"][n] for p in probes) for n in probes[0]["grads"]}}
 
 
-def parallel(path: Path, layout: str, row_set: dict, device: str, dtype: str, torchrun: list[str]) -> dict:
-    """The layout's torchrun launch: the real run and the broken one; {"real"|"broken": result, "_launch": ...}."""
+def parallel(path: Path, layout: str, row_set: dict, device: str, dtype: str, torchrun: list[str],
+             joined: bool = False) -> dict:
+    """The layout's torchrun launch: the real run and the broken one; {"real"|"broken": result, "_launch": ...}
+    (`joined`: this node holds no rank 0, its launch returns nothing to judge)."""
     from gemma4_support.convert.checkpoint import megatron_to_hf
     from gemma4_support.model.build import model_spec
     from validation.cp_worker import launch
@@ -92,6 +94,8 @@ def parallel(path: Path, layout: str, row_set: dict, device: str, dtype: str, to
     if harness == "cp":
         runs = [{"name": v, "rows": ["A"], "variant": v, "backward": True, "kind": "dense"} for v in ("none", broken)]
         out = launch({**common, **sizes, "model_dir": str(path), "runs": runs}, 1800, torchrun=args)
+        if joined:
+            return out
         spec = model_spec(path)
         for v in ("none", broken):
             out[v]["A"]["grads"] = megatron_to_hf(out[v]["A"]["grads"], spec, allow_absent_rows=True)
@@ -99,6 +103,8 @@ def parallel(path: Path, layout: str, row_set: dict, device: str, dtype: str, to
     names = ["A", "B"] if harness == "ep" else ["A"]
     runs = [{"name": v, "model_dir": str(path), "rows": names, "variant": v} for v in ("none", broken)]
     out = parallel_launch({**common, **sizes, "runs": runs}, 1800, torchrun=args)
+    if joined:
+        return out
     key = "+".join(names)
     return {"real": out["none"][key], "broken": out[broken][key], "_launch": out["_launch"]}
 
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
               "row's documents are eighths)", file=sys.stderr)
         return 2
     default = "fixture-moe" if harness == "ep" else "fixture-dense"
+    extra = args.torchrun_args.split()
+    node = int(extra[extra.index("--node-rank") + 1]) if "--node-rank" in extra else 0
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     try:
@@ -142,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
             from gemma4_support.model.build import model_spec
 
             row_set = rows(model_spec(path).vocab_size, args.tokens, args.seed + 1)
+            if node != 0:  # another node of a multi-node run: its ranks join the launch; node 0 judges and reports
+                parallel(path, args.layout, row_set, args.device, args.dtype, extra, joined=True)
+                print(f"{args.layout}: node {node} joined the run; node 0 writes the report")
+                return 0
             ref = reference(path, harness, row_set, args.device, dtype)
             noise = None
             if dtype == torch.bfloat16:  # what bf16 itself moves the one-device run: the bf16 gate's scale
                 noise = equivalence_metrics(reference(path, harness, row_set, args.device, torch.float32), ref)
-            res = parallel(path, args.layout, row_set, args.device, args.dtype, args.torchrun_args.split())
+            res = parallel(path, args.layout, row_set, args.device, args.dtype, extra)
     except Gemma4Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
