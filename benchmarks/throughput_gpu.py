@@ -94,6 +94,9 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
           f"{fmt(met['trainer_score_ratio_vs_hf_forward'], '.3f')}, LoRA train vs HF full train "
           f"{fmt(met['trainer_lora_train_ratio_vs_hf_train'], '.3f')}; loss rel. diff vs HF "
           f"{fmt(met['train_loss_rel_diff_vs_hf'], '.2e')}", "",
+          f"paired rounds ({result.get('paired', {}).get('status', 'not run')}; ours and HF's steps in turn, median of "
+          f"the per-round ratios): train {fmt(met.get('trainer_train_ratio_vs_hf_paired'), '.3f')}, scoring vs HF "
+          f"forward {fmt(met.get('trainer_score_ratio_vs_hf_forward_paired'), '.3f')}", "",
           "FLOP/token (forward): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in result["flop_per_token"].items()), "",
           "gates: " + "; ".join(g.describe() for g in gates)]
     if result.get("top_kernels"):

@@ -66,6 +66,10 @@ def test_throughput_harness_cpu(stage_report, gemma4_seed: int) -> None:
     m = result["measurements"]
     assert {"hf_train_grouped_mm", "hf_train_eager"} <= set(m), "HF's experts implementations were not tried"
     assert all(m[n]["mfu"] > 0 for n in ("train", "lora_train", "hf_train")), m
+    paired = result["paired"]  # the rounds of ours and HF's steps in turn, both models resident
+    assert paired["status"] == "ok" and all(len(t) == paired["rounds"] > 0 and min(t) > 0
+                                            for t in paired["seconds"].values()), paired
+    assert result["metrics"]["trainer_train_ratio_vs_hf_paired"] > 0
 
 
 def test_flop_count_matches_the_model(stage_report) -> None:

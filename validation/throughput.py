@@ -208,6 +208,27 @@ def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> tupl
             "peak_gib": peak / GiB if device == "cuda" else None}, out
 
 
+def paired(steps: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step, called once a round in turn for `rounds` rounds (after one untimed round): a drift in
+    the machine's speed (seen: 10-25 % between processes on one H100) hits both sides of a ratio alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds + 1):
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """{metric: median over rounds of reference seconds / candidate seconds} for pairs {metric: (candidate, ref)}."""
+    return {metric: statistics.median(r / c for c, r in zip(times[cand], times[ref]))
+            for metric, (cand, ref) in pairs.items()}
+
+
 def measure(fn: Callable[[], object], *, tokens: int, flops: float, ceiling: float | None, device: str,
             warmup: int, reps: int) -> dict:
     """One record: status (ok / OOM / error), timing, tok/s, FLOP/token, TFLOP/s, MFU, loss (a returned scalar)."""
@@ -346,6 +367,7 @@ class Workload:
     profile: bool = True  # CUDA only: the top kernels of one train step
     expert_path: str = "grouped"  # our routed experts: grouped GEMMs or one MLP per expert (gemma4_support.model.mlp)
     hf: bool = True  # False: our measurements only (comparing our own variants in one run)
+    paired_rounds: int = 5  # then both models resident, ours and HF's steps in turn: ratios immune to speed drift
 
 
 def cpu_workload(**changes: object) -> Workload:
@@ -397,7 +419,11 @@ def run(w: Workload) -> dict:
                          flops=2 * flops["forward"] + 3 * lora_flops)
     m["score_lora"] = go(score_step(model, row, w.score_chunk_tokens), flops=flops["forward"] + lora_flops)
     detach_lora(adapters)
-    del model, adapters, train
+    model.requires_grad_(True)  # attach_lora froze the base; the paired rounds train every parameter again
+    model.zero_grad(set_to_none=True)
+    if not (w.hf and w.paired_rounds):
+        del model, train
+    del adapters
     free(dev)
 
     if not w.hf:
@@ -423,9 +449,24 @@ def run(w: Workload) -> dict:
         set_hf_experts(hf, best)
     hf.zero_grad(set_to_none=True)
     m["hf_forward"] = go(hf_forward_step(hf, ids), flops=flops["forward"])
+    res["metrics"] = metrics(m, [f"hf_train_{i}" for i in ran])
+    if w.paired_rounds and best is not None:  # both models resident: rounds of ours / HF in turn, gradients freed
+        def then_free(step: Callable[[], object], module: torch.nn.Module) -> Callable[[], None]:
+            return lambda: (step(), module.zero_grad(set_to_none=True))
+
+        steps = {"train": then_free(train, model), "hf_train": then_free(hf_train_step(hf, ids), hf),
+                 "score": score_step(model, row, w.score_chunk_tokens), "hf_forward": hf_forward_step(hf, ids)}
+        try:
+            times = paired(steps, dev, w.paired_rounds)
+        except torch.cuda.OutOfMemoryError as exc:
+            res["paired"] = {"status": "OOM", "error": str(exc).splitlines()[0][:300]}
+        else:
+            res["paired"] = {"status": "ok", "rounds": w.paired_rounds, "seconds": times}
+            res["metrics"].update(paired_ratios(times, {"trainer_train_ratio_vs_hf_paired": ("train", "hf_train"),
+                                                        "trainer_score_ratio_vs_hf_forward_paired": ("score", "hf_forward")}))
+        del model, train
     del hf
     free(dev)
-    res["metrics"] = metrics(m, [f"hf_train_{i}" for i in ran])
     return res
 
 
