@@ -53,8 +53,8 @@ def remember(pid):
 def pytest_configure(config):
     remember(os.getpid())  # the controller and every xdist worker
     if os.environ.get("TINY_HOLD") == "write" and not hasattr(config, "workerinput"):
-        import validation.plugin as plugin
-        write_json = plugin.write_json
+        import validation.collector as collector  # the run's reports are written there
+        write_json = collector.write_json
 
         def held_write_json(path, data):
             out = write_json(path, data)
@@ -62,7 +62,7 @@ def pytest_configure(config):
                 hold("write")
             return out
 
-        plugin.write_json = held_write_json
+        collector.write_json = held_write_json
 
 
 def pytest_collection_finish(session):
