@@ -111,6 +111,7 @@ def pytest_configure_node(node) -> None:  # pytest-xdist: hand the run folder to
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _longest_first(items)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
@@ -121,6 +122,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs CUDA (marked gpu); this machine has no GPU — run it on a GPU runner")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def _longest_first(items: list[pytest.Item]) -> None:
+    """Modules ordered by their longest test's `expected_seconds` (longest first; unmarked modules after, as collected),
+    each module's tests kept together and in order: pytest-xdist hands out work in this order, so the long tests start
+    at once instead of one being left to run alone at the end (measured: a 283 s test started last made a 2-worker run
+    17.8 minutes)."""
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    weight: dict[str, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("expected_seconds")
+        weight[module(item)] = max(weight.get(module(item), 0.0), float(marker.args[0]) if marker else 0.0)
+    first_seen = {name: i for i, name in enumerate(dict.fromkeys(module(item) for item in items))}
+    items.sort(key=lambda item: (-weight[module(item)], first_seen[module(item)]))
 
 
 # ---------------------------------------------------------------------------------------------------

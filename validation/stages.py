@@ -32,6 +32,8 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 EXTRA_MARKERS = {
     "gpu": "needs CUDA; reported as skipped with the reason on CPU",
     "slow": "takes more than a few seconds on 2 CPU cores",
+    "expected_seconds": "the test's measured duration on the 2-core CI machine (its argument): modules holding the "
+                        "longest tests start first, so no long test is left to run alone at the end",
     "main_job": "runs in the main job (gemma4-validate) and when its stage is selected with -m, not in the default "
                 "test run (pyproject's addopts deselect it to keep that under 15 minutes on 2 cores)",
 }

@@ -245,6 +245,7 @@ def _bookkeeping(cp_runs: dict, name: str, row: str, cp: int) -> dict:
     }
 
 
+@pytest.mark.expected_seconds(43)
 @pytest.mark.slow
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_equivalence(cp, cp_runs, cp1_reference, stage_report) -> None:  # noqa: ANN001

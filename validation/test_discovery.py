@@ -350,6 +350,7 @@ def parity_search_body(stats, break_spec=None):
     return body
 
 
+@pytest.mark.expected_seconds(112)
 def test_config_search_is_modelled_exactly_or_refused(stage_report) -> None:
     """Hypothesis over tiny Gemma 4 configs: each is refused with one line naming the field, or passes one fp32
     parity step against transformers (the hf_parity gates); counts of both are in the report."""

@@ -424,6 +424,7 @@ def test_router_replay_refuses_bad_choices() -> None:
     assert all(r.replay is None for r in routers_by_layer(model).values())
 
 
+@pytest.mark.expected_seconds(50)
 def test_cli_runs_the_stage_on_a_transformers_checkpoint(tmp_path: Path, gemma4_seed: int) -> None:
     """`gemma4-validate run --stages hf_parity --model DIR` on a directory saved by transformers writes the stage
     JSON with forward and backward metrics for that model (cut to 3 layers: s, s, f)."""

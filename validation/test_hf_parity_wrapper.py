@@ -77,6 +77,7 @@ def test_wrapper_rows_avoid_multimodal_placeholders(tmp_path: Path) -> None:
     assert not torch.isin(ids, torch.tensor([7, 8, 9])).any()
 
 
+@pytest.mark.expected_seconds(25)
 def test_cli_runs_the_stage_on_a_wrapper_checkpoint(tmp_path: Path, gemma4_seed: int) -> None:
     """`gemma4-validate run --stages hf_parity --model DIR` on a transformers-written wrapper checkpoint (with towers)
     runs the forward and backward parity of its text model and passes every gate."""

@@ -130,6 +130,7 @@ def _rows_metrics(traj: Trajectory, info: dict, tokenizer, vocab: int) -> tuple[
     return metrics, {"collapse": report.to_dict(), "documents": len(docs), "rows": len(rows)}
 
 
+@pytest.mark.expected_seconds(57)
 @pytest.mark.slow
 def test_live_rollouts(vllm_server: VLLMServer, chat_template: str, stage_report) -> None:
     """Live rollouts against the real vLLM server, the conversation driven from outside (the model is random).

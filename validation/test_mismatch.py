@@ -212,6 +212,7 @@ def _gates(served: Served, floor: dict[str, float]):  # noqa: ANN202
     return T.mismatch_gates(served.dtype, base, _window(served))
 
 
+@pytest.mark.expected_seconds(181)
 def test_mismatch(lab: Lab, stage_report, case: tuple[str, str, str]) -> None:
     """vLLM (adapter native or merged) vs the Megatron trainer with the adapter: every sampled token, against the floor."""
     served = lab.serve(*case)

@@ -195,7 +195,7 @@ def test_ep2_refuses_lora_on_split_experts(ep2_runs, stage_report) -> None:  # n
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,dtype", [("tp2", "bfloat16"), ("cp2", "float32")])
+@pytest.mark.parametrize("layout,dtype", [("tp2", "bfloat16"), pytest.param("cp2", "float32", marks=pytest.mark.main_job)])
 def test_torchrun_gate(layout, dtype, tmp_path, stage_report) -> None:  # noqa: ANN001
     """The GPU runners' command (validation/parallel_gate.py: one-device reference, then one torchrun launch of the
     workers) on gloo: the gate passes, the layout's broken variant fails it, the report is written."""

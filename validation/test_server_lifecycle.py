@@ -211,6 +211,7 @@ def _entries(root: Path) -> dict[str, bool]:
     return out
 
 
+@pytest.mark.expected_seconds(56)
 @_ONE_ENGINE
 @pytest.mark.slow
 def test_no_vllm_process_survives_a_failing_session(tmp_path, stage_report):

@@ -106,6 +106,7 @@ def _dtype(pytestconfig: pytest.Config) -> str:
     return pytestconfig.getoption("--gemma4-dtype") or "float32"
 
 
+@pytest.mark.expected_seconds(283)
 def test_length_task_learns(pytestconfig: pytest.Config, server, model_dir: Path, tmp_path: Path, run_dir: Path,
                             stage_report) -> None:
     """Step-0 error >= 5, best <= 1.5 within 20 steps, the last step's policy served (and equal to the trainer's);

@@ -87,6 +87,7 @@ def _logprob_metrics(hf: list[float], vllm: list[float], prompts: int) -> dict:
             "sampled_tokens": len(hf), "prompts": prompts}
 
 
+@pytest.mark.expected_seconds(55)
 @pytest.mark.slow
 def test_vllm_serves_moe_fixture_with_hf_logprobs(moe_dir, tmp_path, stage_report):
     """vLLM's chat prompt ids equal render + encode; its sampled-token log-probs equal HF's (gated), and HF's
