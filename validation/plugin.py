@@ -111,6 +111,7 @@ def pytest_configure_node(node) -> None:  # pytest-xdist: hand the run folder to
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _restore_xdist_groups(config, items)
     _longest_first(items)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
@@ -124,11 +125,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
+def _restore_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make `--dist loadgroup` group again: pytest-xdist 3.8 marks a test's group by rewriting `item._nodeid`, which
+    pytest 9 no longer reads (the node id lives in `item._id`), so every `xdist_group` was scattered over the workers,
+    each worker starting its own vLLM servers and CP launches for the same module (measured: the trainability and
+    mismatch modules' servers twice, ~200 s of a 17-minute run)."""
+    if not _is_worker(config) or not getattr(config.option, "loadgroup", False):  # xdist sets it on its workers
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
+
+
 def _longest_first(items: list[pytest.Item]) -> None:
     """Modules ordered by their longest test's `expected_seconds` (longest first; unmarked modules after, as collected),
-    each module's tests kept together and in order: pytest-xdist hands out work in this order, so the long tests start
-    at once instead of one being left to run alone at the end (measured: a 283 s test started last made a 2-worker run
-    17.8 minutes)."""
+    each module's tests kept together and in order: pytest-xdist hands out work (whole groups under loadgroup) in this
+    order, so the long groups start at once instead of one being left to run alone at the end (measured: a 283 s test
+    started last made a 2-worker run 17.8 minutes)."""
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::", 1)[0]
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,10 +100,18 @@ def test_vllm_serves_moe_fixture_with_hf_logprobs(moe_dir, tmp_path, stage_repor
     prompts = _probe_prompts()
     assert len(prompts[0]["ids"]) > 2 * SAMPLED_TOKENS  # longer than two sliding windows
     (tmp_path / "in.json").write_text(json.dumps(prompts))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
+    # vLLM's IPC sockets and temp files go to a scratch dir removed afterwards, as VLLMServer does (vLLM leaves its
+    # ZMQ sockets behind: in /tmp they accumulated, 7 a run, and showed up in the server-lifecycle test's /tmp check)
+    scratch = Path(tempfile.mkdtemp(prefix="g4e-"))  # short: unix socket paths are limited to 107 bytes
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO), TMPDIR=str(scratch),
+               VLLM_RPC_BASE_PATH=str(scratch))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, __file__, str(moe_dir), str(tmp_path / "in.json"), str(tmp_path / "out.json")],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    try:
+        proc = subprocess.run([sys.executable, __file__, str(moe_dir), str(tmp_path / "in.json"),
+                               str(tmp_path / "out.json")], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "out.json").read_text())
     # vLLM's chat prompt ids == template render + encode (BOS from the template only)
