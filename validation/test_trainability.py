@@ -107,6 +107,7 @@ def _dtype(pytestconfig: pytest.Config) -> str:
 
 
 @pytest.mark.expected_seconds(283)
+@pytest.mark.main_job  # 283-596 s on 2 cores (the loop slows under the other worker's load): in the main job
 def test_length_task_learns(pytestconfig: pytest.Config, server, model_dir: Path, tmp_path: Path, run_dir: Path,
                             stage_report) -> None:
     """Step-0 error >= 5, best <= 1.5 within 20 steps, the last step's policy served (and equal to the trainer's);
