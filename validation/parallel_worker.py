@@ -131,8 +131,7 @@ def _load_other_experts(model, model_dir: str) -> int:  # noqa: ANN001
     """Load the next EP rank's experts into this rank's local experts; returns how many MoE layers it changed."""
     from megatron.core import parallel_state
 
-    from gemma4_support.convert.checkpoint import (HFCheckpoint, expert_index, iter_hf_to_megatron, local_experts,
-                                                   renumber_expert)
+    from gemma4_support.convert.checkpoint import HFCheckpoint, held_name, iter_hf_to_megatron, local_experts
 
     _, count = local_experts(model)
     other = (parallel_state.get_expert_model_parallel_rank() + 1) % parallel_state.get_expert_model_parallel_world_size()
@@ -140,9 +139,9 @@ def _load_other_experts(model, model_dir: str) -> int:  # noqa: ANN001
     layers = set()
     with torch.no_grad():
         for name, tensor in iter_hf_to_megatron(HFCheckpoint(model_dir), model.spec):
-            e = expert_index(name)
-            if e is not None and other * count <= e < (other + 1) * count:
-                params[renumber_expert(name, -other * count)].copy_(tensor)
+            local = held_name(name, other * count, count)  # the other rank's experts, under this rank's names
+            if local is not None and ".local_experts." in name:
+                params[local].copy_(tensor)
                 layers.add(name.split(".mlp.")[0])
     return len(layers)
 

@@ -21,7 +21,7 @@ import torch
 
 from fixtures.factory import fixture_config, fixture_dir
 from fixtures.packings import ROW_A
-from gemma4_support.config.spec import load_spec
+from gemma4_support.config.spec import ModelSpec, load_spec
 from gemma4_support.metrics import tensor_diff
 from gemma4_support.model.build import load_model
 from gemma4_support.packing import PackedRow, pack
@@ -57,6 +57,16 @@ def _tokens(offset: int) -> PackedRow:
     return geometry.with_tokens(ids)
 
 
+def _moe_spec() -> ModelSpec:
+    """The MoE fixture's spec."""
+    return load_spec(fixture_config("moe"))
+
+
+def _moe_layers() -> int:
+    """How many of the MoE fixture's layers have routed experts."""
+    return sum(layer.mlp == "moe" for layer in _moe_spec().layers)
+
+
 @pytest.fixture(scope="module")
 def row(gemma4_seed) -> PackedRow:  # noqa: ANN001
     """The TP row."""
@@ -67,8 +77,7 @@ def row(gemma4_seed) -> PackedRow:  # noqa: ANN001
 def ep_rows(row, gemma4_seed) -> dict[str, PackedRow]:  # noqa: ANN001
     """A row per data-parallel rank, and both with an imposed routing (random distinct experts for every token)."""
     rows = {"A": row, "B": _tokens(gemma4_seed + 16)}
-    moe = load_spec(fixture_config("moe")).moe
-    layers = sum(layer.mlp == "moe" for layer in load_spec(fixture_config("moe")).layers)
+    moe, layers = _moe_spec().moe, _moe_layers()
     gen = torch.Generator().manual_seed(gemma4_seed + 17)
     for name in ("A", "B"):
         choice = torch.rand(rows[name].length, layers, moe.num_experts, generator=gen).argsort(-1)[..., :moe.top_k]
@@ -165,8 +174,7 @@ def test_ep2_equivalence(case, ep2_runs, ep1_reference, stage_report) -> None:  
     on both expert paths and with a routing imposed on every token (router replay)."""
     rows = EP_CASES[case]
     res = ep2_runs[case]["+".join(rows)]
-    assert res["local_experts"] * EP == load_spec(fixture_config("moe")).moe.num_experts * sum(
-        layer.mlp == "moe" for layer in load_spec(fixture_config("moe")).layers), "each rank must hold half the experts"
+    assert res["local_experts"] * EP == _moe_spec().moe.num_experts * _moe_layers(), "each rank must hold half the experts"
     extra = {}
     if rows != ("A", "B"):  # the imposed routing is followed: it moves the logits away from the router's own choice
         extra["replay_moves_logits_max_abs"] = max(tensor_diff(a, b)["max_abs"] for a, b in

@@ -211,15 +211,12 @@ def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> tupl
 def paired(steps: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, list[float]]:
     """Seconds of each step, called once a round in turn for `rounds` rounds (after one untimed round): a drift in
     the machine's speed (seen: 10-25 % between processes on one H100) hits both sides of a ratio alike."""
+    for fn in steps.values():
+        fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(rounds + 1):
+    for _ in range(rounds):
         for name, fn in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if r:
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn, device, warmup=0, reps=1)[0]["seconds"])
     return times
 
 

@@ -23,7 +23,7 @@ from gemma4_support.convert.mapping import NON_TEXT_PREFIXES, Entry, entries, hf
 from gemma4_support.errors import CheckpointError, combined
 
 __all__ = ["INDEX_FILE", "Accounting", "HFCheckpoint", "TensorDict", "account", "as_source", "check_hf", "expert_index",
-           "hf_to_megatron", "local_experts", "renumber_expert",
+           "held_name", "hf_to_megatron", "local_experts", "renumber_expert",
            "iter_hf_to_megatron", "load_hf_weights", "megatron_to_hf", "save_hf_checkpoint", "tensor_state"]
 
 
@@ -249,6 +249,15 @@ def renumber_expert(name: str, shift: int) -> str:
     return _EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + shift}.", name, count=1)
 
 
+def held_name(name: str, first: int, count: int | None) -> str | None:
+    """A global Megatron name -> the name on a rank holding experts [first, first + count) (renumbered from 0), None
+    for another rank's expert; `count` None (every expert here) and non-expert names pass unchanged."""
+    e = expert_index(name)
+    if e is None or count is None:
+        return name
+    return renumber_expert(name, -first) if first <= e < first + count else None
+
+
 def local_experts(model: torch.nn.Module) -> tuple[int, int] | None:
     """(first global expert, count) this rank's routed-experts blocks hold; None for a model without experts."""
     from gemma4_support.model.mlp import Gemma4Experts
@@ -268,20 +277,13 @@ def load_hf_weights(model: torch.nn.Module, source: Source | Mapping[str, torch.
     first, count = local_experts(model) or (0, None)
     split = {name: e.tp for e in table for name in e.megatron}
     targets = tensor_state(model.state_dict(keep_vars=True))
-
-    def here(name: str) -> str | None:  # the table's (global) name -> this rank's name, None if another rank holds it
-        e = expert_index(name)
-        if e is None or count is None:
-            return name
-        return renumber_expert(name, -first) if first <= e < first + count else None
-
-    table_names = {here(n) for n in split} - {None}
+    table_names = {held_name(n, first, count) for n in split} - {None}
     if set(targets) != table_names:
         raise CheckpointError(f"the model's tensors and the table disagree: model-only {sorted(set(targets) - table_names)[:6]}, "
                               f"table-only {sorted(table_names - set(targets))[:6]}", "fix gemma4_support.convert.mapping")
     with torch.no_grad():
         for name, tensor in iter_hf_to_megatron(source, spec):
-            local = here(name)
+            local = held_name(name, first, count)
             if local is None:
                 continue
             target = targets[local]

@@ -97,8 +97,7 @@ class Gemma4Experts(SequentialMLP):
         # Each token's k outputs, weighted and added one at a time in expert order, as HF adds them (one index_add_
         # per expert): the same roundings in bf16, no atomics, and read in place from the expert-sorted rows.
         slot_order = indices.argsort(dim=-1, stable=True)  # [T, k]: the slot holding each token's j-th expert
-        sorted_row = torch.empty_like(order)
-        sorted_row[order] = torch.arange(order.numel(), device=order.device)  # (token, slot) -> its row of `out`
+        sorted_row = _inverse(order)  # (token, slot) -> its row of `out`
         rows = sorted_row.view(tokens, top_k).gather(1, slot_order)
         return _Combine.apply(out, rows, weights.gather(1, slot_order))
 
@@ -134,9 +133,9 @@ class Gemma4Experts(SequentialMLP):
 class _ExpertDispatch:
     """Expert parallelism: the expert-sorted rows of this rank go to the ranks holding their experts (rank r holds
     experts [r·L, (r+1)·L)), one all-to-all each way (torch.distributed's autograd `all_to_all_single`; megatron-core's
-allocates on CUDA only). There they are sorted by
-    local expert (stable: source rank order within an expert); `receive` undoes both. Each token's k outputs come
-    back to its own rank, where they are combined in expert order as on one device."""
+    allocates on CUDA only). There they are sorted by local expert (stable: source rank order within an expert);
+    `receive` undoes both. Each token's k outputs come back to its own rank, where they are combined in expert order
+    as on one device."""
 
     def __init__(self, group: torch.distributed.ProcessGroup, tokens_per_expert: torch.Tensor) -> None:
         ranks = group.size()
@@ -155,9 +154,14 @@ allocates on CUDA only). There they are sorted by
 
     def receive(self, outputs: torch.Tensor) -> torch.Tensor:
         """The local experts' outputs (in `send`'s order) -> this rank's rows, in its expert-sorted order."""
-        unsorted = torch.empty_like(self.order)
-        unsorted[self.order] = torch.arange(self.order.numel(), device=self.order.device)
-        return _all_to_all(outputs[unsorted], self.send_splits, self.receive_splits, self.group)
+        return _all_to_all(outputs[_inverse(self.order)], self.send_splits, self.receive_splits, self.group)
+
+
+def _inverse(permutation: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation of 0..n-1: inverse[permutation[i]] = i."""
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.numel(), device=permutation.device)
+    return inverse
 
 
 def _all_to_all(rows: torch.Tensor, output_splits: list[int], input_splits: list[int],
