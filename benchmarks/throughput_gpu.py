@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from gemma4_support.config.spec import load_spec  # noqa: E402
-from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora  # noqa: E402
+from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora, detach_lora  # noqa: E402
 from gemma4_support.metrics import evaluate  # noqa: E402
+from gemma4_support.model.model import set_recompute  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import (  # noqa: E402
     Workload, allocated_gib, cut_config, describe, expert_path, flop_per_token, free, hf_model, hf_train_step,
@@ -106,12 +106,6 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     return result, "\n".join(md) + "\n"
 
 
-def checkpoint_layers(model: torch.nn.Module) -> None:
-    """Recompute each of our decoder layers in backward (activation checkpointing, set on the layer instances)."""
-    for layer in model.decoder.layers:
-        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
-
-
 def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     """Our LoRA step at full depth vs HF + PEFT LoRA on the same weights and tokens: tok/s and peak memory."""
     small = args.small
@@ -127,20 +121,27 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
                            warmup=1, reps=args.reps)
     ours_lora = LoraConfig(rank=16, alpha=32)  # every projection and every expert; B = 0 (PEFT's init)
     peft_lora = LoraConfig(rank=16, alpha=32, target_modules=ATTENTION_TARGETS + MLP_TARGETS, experts=False)
+    variants = {"all": ("ours_lora_r16_all", ours_lora), "peft": ("ours_lora_r16_peft_targets", peft_lora)}
     res = {"mode": "full_depth_lora", "model": describe(spec), "tokens": tokens, "documents": row.document_lengths(),
            "dtype": str(dtype), "ceiling": ceiling, "flop_per_token": flops, "measurements": {}}
     state = random_state(cfg, dtype, device, args.seed)
 
     model = megatron_model(spec, state, dtype, device, "dense" if small else args.attention)
-    adapters = attach_lora(model, ours_lora)
-    checkpoint_layers(model)
-    opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
-    rec = go(train_step(model, row, list(adapters.parameters()), 1024, opt),
-             flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, ours_lora))
-    res["measurements"]["ours_lora_r16_all"] = {
-        **rec, "layout": f"one packed row of {tokens} ({row.document_lengths()})", "expert_path": expert_path(model),
-        "trainable_params": sum(p.numel() for p in adapters.parameters()), "activation_checkpointing": "per layer"}
-    del model, adapters, opt
+    set_recompute(model, args.recompute_layers)
+    recompute = f"{model.recompute_layers} of {spec.num_layers} layers"
+    for targets in args.lora_targets.split(","):
+        name, config = variants[targets]
+        adapters = attach_lora(model, config)
+        opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
+        rec = go(train_step(model, row, list(adapters.parameters()), 1024, opt),
+                 flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, config))
+        res["measurements"][name] = {
+            **rec, "layout": f"one packed row of {tokens} ({row.document_lengths()})", "expert_path": expert_path(model),
+            "trainable_params": sum(p.numel() for p in adapters.parameters()), "activation_checkpointing": recompute}
+        detach_lora(adapters)
+        del adapters, opt
+        free(device)
+    del model
     free(device)
 
     try:
@@ -167,7 +168,7 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
         del hf, wrapped, opt
     free(device)
     md = (f"{json.dumps(res['model'])}, {tokens} tokens a step, {dtype}; ours: LoRA r16 on every projection and "
-          f"expert, AdamW, per-layer recompute; HF + PEFT: LoRA r16 on q/k/v/o + dense MLP, gradient checkpointing, "
+          f"expert (all) or on PEFT's targets, AdamW, per-layer recompute; HF + PEFT: LoRA r16 on q/k/v/o + dense MLP, gradient checkpointing, "
           f"AdamW\n\n" + table(res["measurements"]) + "\n")
     return res, md
 
@@ -180,6 +181,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=6, help="layers of the 26B-A4B cut (default mode)")
     ap.add_argument("--full-depth-lora", action="store_true", help="30 layers, LoRA r16: ours vs HF + PEFT")
     ap.add_argument("--attention", default="auto", help='our attention backend on CUDA (default "auto")')
+    ap.add_argument("--lora-targets", default="all,peft",
+                    help="full-depth LoRA, ours: 'all' (every projection and expert), 'peft' (HF + PEFT's), or both")
+    ap.add_argument("--recompute-layers", type=int, default=None,
+                    help="full-depth LoRA, ours: decoder layers recomputed in backward (default: all)")
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation (full-depth LoRA mode)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--expert-path", default="grouped", choices=("grouped", "sequential"), help="our routed experts")

@@ -203,6 +203,35 @@ def test_expert_paths_agree(stage_report, pytestconfig, gemma4_seed: int) -> Non
     stage_report.check("expert paths: grouped vs sequential", metrics, gates, **subject.info(row))
 
 
+def test_recompute_equals_stored_activations(stage_report, pytestconfig, gemma4_seed: int) -> None:
+    """Recomputing decoder layers in backward (`set_recompute`) changes memory, not numbers: with LoRA on every
+    projection and expert (the full-depth LoRA benchmark's setting), logits and every adapter gradient equal the run
+    that stores each layer's activations — MoE fixture, fp32, packed row. A count outside 0..layers is refused."""
+    from gemma4_support.errors import ConfigError
+    from gemma4_support.model.model import set_recompute
+
+    subject = subject_for("fixture-moe", pytestconfig)
+    row = subject.row("packed", gemma4_seed)
+    model = megatron_model(subject)
+    adapters = attach_lora(model, LoraConfig(rank=4, init="random"))
+    runs = []
+    for layers in (0, None):
+        set_recompute(model, layers)
+        adapters.zero_grad(set_to_none=True)
+        logits = model(*row.model_inputs())
+        logits.float().log_softmax(-1).mean().backward()
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in adapters.named_parameters()}))
+    detach_lora(adapters)
+    set_recompute(model, 0)
+    with pytest.raises(ConfigError) as err:
+        set_recompute(model, len(model.decoder.layers) + 1)
+    assert "\n" not in str(err.value) and "choose 0.." in str(err.value)
+    metrics = {"recompute_logits_max_abs": tensor_diff(runs[0][0], runs[1][0])["max_abs"],
+               "recompute_lora_grad_max_rel_l2": float(named_tensor_metrics(runs[0][1], runs[1][1])["max_rel_l2"])}
+    stage_report.check("recompute vs stored activations", metrics, tuple(Gate(m, "<=", 1e-6) for m in metrics),
+                       **subject.info(row))
+
+
 def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, float]:
     """Each region compiled as on CUDA (here on the CPU) against its eager body, on bf16 inputs."""
     from gemma4_support.fused import compile_region

@@ -66,6 +66,28 @@ def test_round_trip(exported, stage_report) -> None:
     stage_report.check(f"lora round trip ({variant})", metrics, gates)
 
 
+@pytest.mark.parametrize("targets, experts", [(("q_proj", "up_proj"), False), (("o_proj", "gate_proj"), True)])
+def test_partial_targets_land_where_merging_puts_them(tmp_path, stage_report, targets, experts) -> None:
+    """A site with only some members adapted (q without k, up without gate; the experts' gate/up/down): the attached
+    adapter's logits equal the merged checkpoint's, so every fused pair places its rows as the weight table does."""
+    base = fixture_dir("moe")
+    config = LoraConfig(rank=4, alpha=8.0, init="random", b_std=0.02, seed=5, target_modules=targets, experts=experts)
+    adapters = LoraAdapters(model_spec(base), config)
+    merged = load_model(save_merged(adapters, base, tmp_path / "merged"), attention="dense")
+    model = load_model(base, attention="dense")
+    attach_lora(model, config, adapters=adapters)
+    row = pack([40, 24]).with_tokens(torch.randint(5, 500, (64,), generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        with_lora = model(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        from_merged = merged(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        base_logits = load_model(base, attention="dense")(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+    metrics = {"merged_vs_lora_logits_max_abs_rel": tensor_diff(with_lora, from_merged)["max_abs_rel"],
+               "lora_moves_logits_max_abs_rel": tensor_diff(with_lora, base_logits)["max_abs_rel"]}
+    stage_report.check(f"lora partial targets {'+'.join(targets)}{' + experts' if experts else ''}", metrics,
+                       [Gate("merged_vs_lora_logits_max_abs_rel", "<=", 1e-5),
+                        Gate("lora_moves_logits_max_abs_rel", ">=", 1e-3)])
+
+
 def _broken(adapter_dir, tmp_path, *, rename=None, drop=None, change=None, config=None):  # noqa: ANN001, ANN202
     out = tmp_path / "broken"
     out.mkdir()

@@ -206,44 +206,60 @@ def _sites(spec: ModelSpec, config: LoraConfig) -> Iterator[_Site]:
         yield from _layer_modules(spec, layer, config)[1]
 
 
-def _combined(adapters: LoraAdapters, site: _Site, x: torch.Tensor) -> torch.Tensor | None:
-    """The site's LoRA output [..., out]: each member's output, placed by the site's transform; None when no member
-    is adapted."""
-    return _place(adapters, site, [adapters.output(n, x) for n in site.members], x)
-
-
-def _place(adapters: LoraAdapters, site: _Site, parts: list[torch.Tensor | None], x: torch.Tensor
-           ) -> torch.Tensor | None:
-    """Members' outputs (None: not adapted, zeros) combined into the site's fused layout by its transform."""
-    if all(p is None for p in parts):
+def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The site's members as one LoRA pair in the fused layout: A [m·r, in] (the m adapted members' A, stacked) and
+    B [out, m·r] (member j's B in columns j·r.., its rows placed by the site's transform, zeros elsewhere), so that
+    (x Aᵀ) Bᵀ is every member's output placed as the weight table places its rows. With `stack` (one site per
+    routed expert, `site` the first) both gain a leading expert dimension: [E, m·r, in] and [E, out, m·r].
+    None when no member is adapted."""
+    sites = stack or [site]
+    adapted = [j for j, name in enumerate(site.members) if name in adapters.modules_by_name]
+    if not adapted:
         return None
-    lead = x.shape[:-1]
-    parts = [p if p is not None else x.new_zeros(*lead, adapters.widths[n]) for p, n in zip(parts, site.members)]
-    if site.combine is None:
-        return parts[0]
-    rows = [p.reshape(-1, p.shape[-1]).t() for p in parts]  # output features as rows, like the weight table's
-    (fused,) = site.combine.to_megatron(rows, adapters.spec, site.layer)
-    return fused.t().reshape(*lead, fused.shape[0])
+    rank, experts = adapters.config.rank, len(sites)
+
+    def gather(j: int, which: int) -> torch.Tensor:  # member j's A (0) or B (1) of every site: [E, ., .]
+        return torch.stack([adapters.pair(s.members[j])[which] for s in sites])
+
+    a = torch.cat([gather(j, 0) for j in adapted], dim=1)  # [E, m·r, in]
+    width = len(adapted) * rank
+    rows = []  # per member [out_j, E·m·r]: output features as rows (the transform's unit), experts in the columns
+    for j, name in enumerate(site.members):
+        out_j = adapters.widths[name]
+        if j in adapted:
+            at = adapted.index(j) * rank
+            b = gather(j, 1)  # [E, out_j, r]
+            b = torch.cat([b.new_zeros(experts, out_j, at), b, b.new_zeros(experts, out_j, width - at - rank)], dim=2)
+        else:
+            b = a.new_zeros(experts, out_j, width)
+        rows.append(b.transpose(0, 1).reshape(out_j, experts * width))
+    (fused,) = site.combine.to_megatron(rows, adapters.spec, site.layer) if site.combine else rows
+    b = fused.reshape(fused.shape[0], experts, width).transpose(0, 1).contiguous()  # [E, out, m·r]
+    return (a, b) if stack else (a[0], b[0])
+
+
+def _combined(adapters: LoraAdapters, site: _Site, x: torch.Tensor) -> torch.Tensor | None:
+    """The site's LoRA output [..., out] (None when no member is adapted)."""
+    pair = _fused_pair(adapters, site)
+    if pair is None:
+        return None
+    a, b = (t.to(x.dtype) for t in pair)
+    return ((x @ a.t()) @ b.t()) * adapters.config.scaling
 
 
 def _grouped_delta(adapters: LoraAdapters, sites: dict[str, list[_Site]]):  # noqa: ANN202 - a GroupedDelta
-    """LoRA for a grouped experts block: per member, (x Aₑᵀ) Bₑᵀ for every expert e at once (two grouped GEMMs over
-    the stacked pairs), placed like the per-expert sites (`sites["fc1"|"fc2"][e]`)."""
+    """LoRA for a grouped experts block: (x Aₑᵀ) Bₑᵀ for every expert e at once, two grouped GEMMs over the
+    experts' fused pairs (`_fused_pair` over `sites["fc1"|"fc2"]`, one site per expert)."""
 
     def delta(which: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         per_expert = sites[which]
-        parts: list[torch.Tensor | None] = []
-        for m, name in enumerate(per_expert[0].members):
-            if name not in adapters.modules_by_name:
-                parts.append(None)
-                continue
-            pairs = [adapters.pair(site.members[m]) for site in per_expert]
-            a = torch.stack([p[0] for p in pairs]).to(x.dtype).transpose(-2, -1)  # [E, in, r]
-            b = torch.stack([p[1] for p in pairs]).to(x.dtype).transpose(-2, -1)  # [E, r, out]
-            mid = torch._grouped_mm(x, a, offs=offsets)
-            parts.append(torch._grouped_mm(mid, b, offs=offsets) * adapters.config.scaling)
-        out = _place(adapters, per_expert[0], parts, x)
-        return out if out is not None else x.new_zeros(x.shape[0], 0)
+        pair = _fused_pair(adapters, per_expert[0], per_expert)
+        if pair is None:
+            return x.new_zeros(x.shape[0], 0)
+        a, b = (t.to(x.dtype).transpose(-2, -1) for t in pair)  # [E, in, m·r], [E, m·r, out]
+        mid = torch._grouped_mm(x, a, offs=offsets)
+        return torch._grouped_mm(mid, b, offs=offsets) * adapters.config.scaling
 
     return delta
 

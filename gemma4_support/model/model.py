@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.attention.masks import MaskLookup
@@ -75,6 +76,7 @@ class Gemma4Model(MegatronModule):
         )
         self.softcap = spec.final_logit_softcapping
         self.windows = sorted({layer.window for layer in spec.layers}, key=lambda w: (w is None, w or 0))
+        self.recompute_layers = 0  # the first N decoder layers recompute their activations in backward (set_recompute)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor,
                 masks: MaskLookup | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,8 +93,10 @@ class Gemma4Model(MegatronModule):
             masks = self.backend.prepare(position_ids, document_ids, self.windows, branch_ids)
         rotary = self.rotary(position_ids)
         hidden = self.embedding(input_ids)
-        for layer in self.decoder.layers:
-            hidden = layer(hidden, rotary[layer.layer.layer_type], masks.lookup(layer.window))
+        recompute = torch.is_grad_enabled() and self.recompute_layers
+        for i, layer in enumerate(self.decoder.layers):
+            args = (hidden, rotary[layer.layer.layer_type], masks.lookup(layer.window))
+            hidden = checkpoint(layer, *args, use_reentrant=False) if recompute and i < recompute else layer(*args)
         return self.decoder.final_layernorm(hidden)
 
     def head_weight(self) -> torch.Tensor | None:
@@ -110,3 +114,16 @@ class Gemma4Model(MegatronModule):
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def set_recompute(model: Gemma4Model, layers: int | None) -> None:
+    """Recompute the first `layers` decoder layers' activations in backward (None: every layer; 0: none), Megatron's
+    full-granularity block recompute: memory of one layer's activations instead of each, for one more forward."""
+    from gemma4_support.errors import ConfigError
+
+    count = len(model.decoder.layers)
+    layers = count if layers is None else layers
+    if not 0 <= layers <= count:
+        raise ConfigError(f"cannot recompute {layers} of the model's {count} decoder layers",
+                          f"choose 0..{count} layers (None: all)")
+    model.recompute_layers = layers

@@ -21,24 +21,34 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from gemma4_support.config.spec import load_spec  # noqa: E402
+from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import (cut_config, megatron_model, packed_documents, random_state, score_step,  # noqa: E402
                                    timed, train_step)
 
 
-def top_ops(step, count: int, prefix: str = "aten::") -> list[dict]:
-    """The `count` operators with the most self CUDA time in one profiled step, grouped by input shapes."""
+def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float]:
+    """The `count` operators with the most self CUDA time in one profiled step, grouped by input shapes, and the
+    step's summed kernel time in ms."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
-    rows = []
+    rows, busy = [], 0.0
     for e in prof.key_averages(group_by_input_shape=True):
         us = getattr(e, "self_device_time_total", 0)
+        busy += us if "CUDA" in str(getattr(e, "device_type", "")) else 0  # the kernels themselves
         if us > 0 and e.key.startswith(prefix):
             rows.append({"op": e.key, "shapes": str(e.input_shapes)[:200], "ms": round(us / 1e3, 3), "calls": e.count})
-    return sorted(rows, key=lambda r: -r["ms"])[:count]
+    return sorted(rows, key=lambda r: -r["ms"])[:count], busy / 1e3
+
+
+def lora_config(targets: str) -> LoraConfig:
+    """LoRA r16 on every projection and expert ("all") or on PEFT's targets for HF Gemma 4 ("peft": no experts)."""
+    if targets == "all":
+        return LoraConfig(rank=16, alpha=32)
+    return LoraConfig(rank=16, alpha=32, target_modules=ATTENTION_TARGETS + MLP_TARGETS, experts=False)
 
 
 def main() -> int:
@@ -47,7 +57,10 @@ def main() -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--chunks", default="1024,2048,4096,8192")
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--step", default="train", choices=("train", "score"), help="the train step or the scoring forward")
+    ap.add_argument("--step", default="train", choices=("train", "score", "lora_train"),
+                    help="the train step, the scoring forward, or the LoRA r16 step (base frozen)")
+    ap.add_argument("--lora-targets", default="all", choices=("all", "peft"),
+                    help="lora_train: every projection and expert, or PEFT's (q/k/v/o + dense MLP)")
     args = ap.parse_args()
     device = "cpu" if args.small else "cuda"
     tokens = 256 if args.small else 8192
@@ -58,12 +71,14 @@ def main() -> int:
     model = megatron_model(spec, random_state(cfg, dtype, device, 0), dtype, device, "dense" if args.small else "auto")
     row = packed_documents(tokens, 2, spec.vocab_size, 0).to(device)
     params = list(model.parameters())
+    if args.step == "lora_train":
+        params = list(attach_lora(model, lora_config(args.lora_targets)).parameters())
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tokens": tokens,
                     "chunk_tokens": {}}
     def step(chunk: int):  # noqa: ANN202
-        return train_step(model, row, params, chunk) if args.step == "train" else score_step(model, row, chunk)
+        return score_step(model, row, chunk) if args.step == "score" else train_step(model, row, params, chunk)
 
-    result["step"] = args.step
+    result["step"] = args.step if args.step != "lora_train" else f"lora_train ({args.lora_targets} targets)"
     for chunk in [int(c) for c in args.chunks.split(",")]:
         rec, _ = timed(step(chunk), device, warmup=1, reps=3)
         result["chunk_tokens"][chunk] = {"seconds": rec["seconds"], "tok_per_s": tokens / rec["seconds"],
@@ -71,7 +86,8 @@ def main() -> int:
         print(f"chunk {chunk}: {rec['seconds']:.4f} s, {tokens / rec['seconds']:,.0f} tok/s, peak {rec.get('peak_gib')}",
               flush=True)
     if device == "cuda":
-        result["top_ops"] = top_ops(step(1024), args.top)
+        result["top_ops"], result["busy_ms"] = top_ops(step(1024), args.top)
+        print(f"GPU busy {result['busy_ms']:.1f} ms in one step (every kernel's self time)")
         for r in result["top_ops"]:
             print(f"{r['ms']:8.2f} ms {r['calls']:5d}  {r['op']:<36} {r['shapes'][:120]}")
     args.out.mkdir(parents=True, exist_ok=True)
