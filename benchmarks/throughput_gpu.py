@@ -127,20 +127,22 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     state = random_state(cfg, dtype, device, args.seed)
 
     model = megatron_model(spec, state, dtype, device, "dense" if small else args.attention)
-    set_recompute(model, args.recompute_layers)
-    recompute = f"{model.recompute_layers} of {spec.num_layers} layers"
     for targets in args.lora_targets.split(","):
-        name, config = variants[targets]
-        adapters = attach_lora(model, config)
-        opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
-        rec = go(train_step(model, row, list(adapters.parameters()), 1024, opt),
-                 flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, config))
-        res["measurements"][name] = {
-            **rec, "layout": f"one packed row of {tokens} ({row.document_lengths()})", "expert_path": expert_path(model),
-            "trainable_params": sum(p.numel() for p in adapters.parameters()), "activation_checkpointing": recompute}
-        detach_lora(adapters)
-        del adapters, opt
-        free(device)
+        for count in args.recompute_layers.split(","):
+            set_recompute(model, None if count == "all" else int(count))
+            name, config = variants[targets]
+            name += "" if count == "all" else f"_recompute{model.recompute_layers}"
+            adapters = attach_lora(model, config)
+            opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
+            rec = go(train_step(model, row, list(adapters.parameters()), 1024, opt),
+                     flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, config))
+            res["measurements"][name] = {
+                **rec, "layout": f"one packed row of {tokens} ({row.document_lengths()})",
+                "expert_path": expert_path(model), "trainable_params": sum(p.numel() for p in adapters.parameters()),
+                "activation_checkpointing": f"{model.recompute_layers} of {spec.num_layers} layers recomputed"}
+            detach_lora(adapters)
+            del adapters, opt
+            free(device)
     del model
     free(device)
 
@@ -183,8 +185,8 @@ def main() -> int:
     ap.add_argument("--attention", default="auto", help='our attention backend on CUDA (default "auto")')
     ap.add_argument("--lora-targets", default="all,peft",
                     help="full-depth LoRA, ours: 'all' (every projection and expert), 'peft' (HF + PEFT's), or both")
-    ap.add_argument("--recompute-layers", type=int, default=None,
-                    help="full-depth LoRA, ours: decoder layers recomputed in backward (default: all)")
+    ap.add_argument("--recompute-layers", default="all",
+                    help="full-depth LoRA, ours: decoder layers recomputed in backward, one run per value (e.g. all,20)")
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation (full-depth LoRA mode)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--expert-path", default="grouped", choices=("grouped", "sequential"), help="our routed experts")

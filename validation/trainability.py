@@ -167,8 +167,8 @@ class LengthLoop:
         loss, ratio = policy_loss(lp, old, adv, torch.ones_like(adv, dtype=torch.bool), kind=self.cfg.loss)
         loss.backward()
         if self.first_grads is None:
-            self.first_grads = {n: p.grad.detach().clone() for n, p in self.adapters.named_parameters()}
-            self.first_params = {n: p.detach().clone() for n, p in self.adapters.named_parameters()}
+            self.first_grads = {n: g.detach().clone() for n, g in self.adapters.module_tensors(grads=True).items()}
+            self.first_params = {n: p.detach().clone() for n, p in self.adapters.module_tensors().items()}
             self.first_batch = [(s, float(a)) for s, a in zip(samples, advantages)]
         self.opt.step()
         return float(loss.detach()), float(ratio.mean())

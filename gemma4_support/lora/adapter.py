@@ -143,7 +143,10 @@ def lora_modules(spec: ModelSpec, config: LoraConfig) -> list[LoraModule]:
 
 class LoraAdapters(nn.Module):
     """The adapter tensors of one model: `lora_A[key]` [r, in], `lora_B[key]` [out, r] per trained HF module (keys are
-    the PEFT names with dots as '/'), plus the config. Aliases (K=V layers' v_proj) hold no tensors."""
+    the PEFT names with dots as '/'), plus the config; a layer's routed experts hold one packed [E, r, in] / [E, out, r]
+    pair per member (key `…/experts/<member>`; `pair` gives one expert's views), so the grouped path reads them as
+    they are and the optimizer sees a few tensors per layer, not one per expert. Aliases (K=V layers' v_proj) hold
+    no tensors."""
 
     def __init__(self, spec: ModelSpec, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -153,6 +156,8 @@ class LoraAdapters(nn.Module):
         self.modules_by_name = {x.name: x for x in every if _chosen(x, config)}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self._slots: dict[str, tuple[str, int]] = {}  # a routed expert's module -> (its packed key, its expert index)
+        packed: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         gen = torch.Generator().manual_seed(config.seed)
         for name, mod in self.modules_by_name.items():
             if mod.alias_of is not None:
@@ -162,8 +167,16 @@ class LoraAdapters(nn.Module):
             b = torch.zeros(mod.out_features, config.rank, dtype=torch.float64)
             if config.init == "random":
                 b = torch.randn(mod.out_features, config.rank, generator=gen, dtype=torch.float64) * config.b_std
-            self.lora_A[_key(name)] = nn.Parameter(a.to(dtype))
-            self.lora_B[_key(name)] = nn.Parameter(b.to(dtype))
+            if mod.expert is None:
+                self.lora_A[_key(name)] = nn.Parameter(a.to(dtype))
+                self.lora_B[_key(name)] = nn.Parameter(b.to(dtype))
+                continue
+            key = _key(name.replace(f".experts.{mod.expert}.", ".experts."))
+            self._slots[name] = (key, len(packed.setdefault(key, [])))
+            packed[key].append((a, b))
+        for key, pairs in packed.items():  # one [E, r, in] / [E, out, r] tensor per layer and member for all experts
+            self.lora_A[key] = nn.Parameter(torch.stack([a for a, _ in pairs]).to(dtype))
+            self.lora_B[key] = nn.Parameter(torch.stack([b for _, b in pairs]).to(dtype))
         self._handles: list = []
 
     def trained_names(self) -> list[str]:
@@ -171,30 +184,50 @@ class LoraAdapters(nn.Module):
         return [n for n, m in self.modules_by_name.items() if m.alias_of is None]
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of a module (an alias resolves to the module it repeats)."""
+        """(A, B) of a module (an alias resolves to the module it repeats; a routed expert's are views of the
+        packed tensors of its layer and member)."""
         mod = self.modules_by_name[name]
-        key = _key(mod.alias_of or name)
-        return self.lora_A[key], self.lora_B[key]
+        name = mod.alias_of or name
+        if name in self._slots:
+            key, e = self._slots[name]
+            return self.lora_A[key][e], self.lora_B[key][e]
+        return self.lora_A[_key(name)], self.lora_B[_key(name)]
+
+    def expert_pairs(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r]) of one member across experts, `names` in expert order: the packed tensors
+        themselves when `names` are exactly their experts, else a stack of the pairs."""
+        key = self._slots[names[0]][0] if names[0] in self._slots else None
+        if key is not None and len(names) == len(self.lora_A[key]) and all(
+                self._slots.get(n) == (key, e) for e, n in enumerate(names)):
+            return self.lora_A[key], self.lora_B[key]
+        pairs = [self.pair(n) for n in names]
+        return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+    def module_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """{"lora_A.<key>" / "lora_B.<key>": tensor} per trained module (key: its PEFT name with '/' for '.'), the
+        parameters or (`grads`) their gradients, as views: per module whether or not its tensors are packed."""
+        out = {}
+        for name in self.trained_names():
+            for which, t in zip("AB", self.pair(name)):
+                if grads:
+                    key, e = self._slots.get(name, (_key(name), None))
+                    grad = getattr(self, f"lora_{which}")[key].grad
+                    t = None if grad is None else (grad if e is None else grad[e])
+                if t is not None:
+                    out[f"lora_{which}.{_key(name)}"] = t
+        return out
 
     def delta(self, name: str) -> torch.Tensor:
         """scaling · B @ A of one module, [out, in], in float64 (for merging)."""
         a, b = self.pair(name)
         return self.config.scaling * (b.detach().double() @ a.detach().double())
 
-    def output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        """scaling · (x Aᵀ) Bᵀ for input x [..., in] in x's dtype (None when the module is not adapted)."""
-        if name not in self.modules_by_name:
-            return None
-        a, b = self.pair(name)
-        return ((x @ a.to(x.dtype).t()) @ b.to(x.dtype).t()) * self.config.scaling
-
     def load_pairs(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy (A, B) per trained module name into the adapter (shapes must match)."""
         with torch.no_grad():
             for name in self.trained_names():
-                a, b = pairs[name]
-                self.lora_A[_key(name)].copy_(a)
-                self.lora_B[_key(name)].copy_(b)
+                for mine, given in zip(self.pair(name), pairs[name]):
+                    mine.copy_(given)
 
 
 def _key(name: str) -> str:
@@ -220,7 +253,9 @@ def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None =
     rank, experts = adapters.config.rank, len(sites)
 
     def gather(j: int, which: int) -> torch.Tensor:  # member j's A (0) or B (1) of every site: [E, ., .]
-        return torch.stack([adapters.pair(s.members[j])[which] for s in sites])
+        if stack is None:
+            return adapters.pair(site.members[j])[which][None]
+        return adapters.expert_pairs([s.members[j] for s in sites])[which]
 
     a = torch.cat([gather(j, 0) for j in adapted], dim=1)  # [E, m·r, in]
     width = len(adapted) * rank
