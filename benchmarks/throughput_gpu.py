@@ -128,10 +128,11 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
 
     model = megatron_model(spec, state, dtype, device, "dense" if small else args.attention)
     for targets in args.lora_targets.split(","):
-        for count in args.recompute_layers.split(","):
-            set_recompute(model, None if count == "all" else int(count))
+        for choice in args.recompute_layers.split(","):
+            count, experts = choice.removesuffix("+experts"), choice.endswith("+experts")
+            set_recompute(model, None if count == "all" else int(count), experts=experts)
             name, config = variants[targets]
-            name += "" if count == "all" else f"_recompute{model.recompute_layers}"
+            name += "" if choice == "all" else f"_recompute{model.recompute_layers}{'_experts' if experts else ''}"
             adapters = attach_lora(model, config)
             opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
             rec = go(train_step(model, row, list(adapters.parameters()), 1024, opt),
@@ -139,7 +140,8 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
             res["measurements"][name] = {
                 **rec, "layout": f"one packed row of {tokens} ({row.document_lengths()})",
                 "expert_path": expert_path(model), "trainable_params": sum(p.numel() for p in adapters.parameters()),
-                "activation_checkpointing": f"{model.recompute_layers} of {spec.num_layers} layers recomputed"}
+                "activation_checkpointing": f"{model.recompute_layers} of {spec.num_layers} layers recomputed"
+                                           + (", the other layers' routed experts" if experts else "")}
             detach_lora(adapters)
             del adapters, opt
             free(device)
@@ -186,7 +188,8 @@ def main() -> int:
     ap.add_argument("--lora-targets", default="all,peft",
                     help="full-depth LoRA, ours: 'all' (every projection and expert), 'peft' (HF + PEFT's), or both")
     ap.add_argument("--recompute-layers", default="all",
-                    help="full-depth LoRA, ours: decoder layers recomputed in backward, one run per value (e.g. all,20)")
+                    help="full-depth LoRA, ours: decoder layers recomputed in backward, one run per value (all, N, or "
+                         "N+experts: the other layers recompute their routed experts; e.g. all,20,0+experts)")
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation (full-depth LoRA mode)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--expert-path", default="grouped", choices=("grouped", "sequential"), help="our routed experts")

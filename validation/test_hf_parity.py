@@ -204,9 +204,10 @@ def test_expert_paths_agree(stage_report, pytestconfig, gemma4_seed: int) -> Non
 
 
 def test_recompute_equals_stored_activations(stage_report, pytestconfig, gemma4_seed: int) -> None:
-    """Recomputing decoder layers in backward (`set_recompute`) changes memory, not numbers: with LoRA on every
-    projection and expert (the full-depth LoRA benchmark's setting), logits and every adapter gradient equal the run
-    that stores each layer's activations — MoE fixture, fp32, packed row. A count outside 0..layers is refused."""
+    """Recomputing in backward (`set_recompute`: whole decoder layers, or only the routed experts) changes memory, not
+    numbers: with LoRA on every projection and expert (the full-depth LoRA benchmark's setting), logits and every
+    adapter gradient equal the run that stores each layer's activations — MoE fixture, fp32, packed row. A count
+    outside 0..layers is refused."""
     from gemma4_support.errors import ConfigError
     from gemma4_support.model.model import set_recompute
 
@@ -215,8 +216,8 @@ def test_recompute_equals_stored_activations(stage_report, pytestconfig, gemma4_
     model = megatron_model(subject)
     adapters = attach_lora(model, LoraConfig(rank=4, init="random"))
     runs = []
-    for layers in (0, None):
-        set_recompute(model, layers)
+    for layers, experts in ((0, False), (None, False), (1, True)):
+        set_recompute(model, layers, experts=experts)
         adapters.zero_grad(set_to_none=True)
         logits = model(*row.model_inputs())
         logits.float().log_softmax(-1).mean().backward()
@@ -226,8 +227,10 @@ def test_recompute_equals_stored_activations(stage_report, pytestconfig, gemma4_
     with pytest.raises(ConfigError) as err:
         set_recompute(model, len(model.decoder.layers) + 1)
     assert "\n" not in str(err.value) and "choose 0.." in str(err.value)
-    metrics = {"recompute_logits_max_abs": tensor_diff(runs[0][0], runs[1][0])["max_abs"],
-               "recompute_lora_grad_max_rel_l2": float(named_tensor_metrics(runs[0][1], runs[1][1])["max_rel_l2"])}
+    metrics = {}
+    for tag, (logits, grads) in zip(("layers", "experts"), runs[1:]):
+        metrics[f"recompute_{tag}_logits_max_abs"] = tensor_diff(runs[0][0], logits)["max_abs"]
+        metrics[f"recompute_{tag}_lora_grad_max_rel_l2"] = float(named_tensor_metrics(runs[0][1], grads)["max_rel_l2"])
     stage_report.check("recompute vs stored activations", metrics, tuple(Gate(m, "<=", 1e-6) for m in metrics),
                        **subject.info(row))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region,
@@ -281,10 +282,15 @@ class Gemma4MoE(MegatronModule):
         super().__init__(config=config)
         self.router = Gemma4Router(config)
         self.experts = Gemma4Experts(config)
+        self.recompute = False  # recompute the routed experts in backward (set_recompute): keep only their inputs
 
     def forward(self, residual: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
         """residual and normed expert input [s, b, h] -> experts' output [s, b, h]."""
         hidden = residual.shape[-1]
         weights, indices = self.router(residual.reshape(-1, hidden))
-        out = self.experts.routed(expert_input.reshape(-1, hidden), weights, indices)
+        args = (expert_input.reshape(-1, hidden), weights, indices)
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(self.experts.routed, *args, use_reentrant=False)
+        else:
+            out = self.experts.routed(*args)
         return out.reshape(residual.shape)

@@ -116,9 +116,11 @@ class Gemma4Model(MegatronModule):
         return logits
 
 
-def set_recompute(model: Gemma4Model, layers: int | None) -> None:
-    """Recompute the first `layers` decoder layers' activations in backward (None: every layer; 0: none), Megatron's
-    full-granularity block recompute: memory of one layer's activations instead of each, for one more forward."""
+def set_recompute(model: Gemma4Model, layers: int | None, *, experts: bool = False) -> None:
+    """Recompute activations in backward instead of storing them: the first `layers` decoder layers whole (None:
+    every layer; 0: none; Megatron's full-granularity block method), and with `experts` the routed experts of every
+    other MoE layer (Megatron's selective "moe" recompute: their [tokens·k, ·] tensors, most of a layer's activation
+    memory, give way to their [tokens, h] input for one more experts forward)."""
     from gemma4_support.errors import ConfigError
 
     count = len(model.decoder.layers)
@@ -127,3 +129,6 @@ def set_recompute(model: Gemma4Model, layers: int | None) -> None:
         raise ConfigError(f"cannot recompute {layers} of the model's {count} decoder layers",
                           f"choose 0..{count} layers (None: all)")
     model.recompute_layers = layers
+    for i, layer in enumerate(model.decoder.layers):
+        if layer.is_moe:
+            layer.moe.recompute = experts and i >= layers
