@@ -77,7 +77,9 @@ class Gemma4Experts(SequentialMLP):
         tokens, top_k = indices.shape
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        tokens_per_expert = torch.bincount(flat, minlength=self.num_experts)
+        # rows per expert from the sorted choices (bincount would wait on the device for its maximum: a host sync)
+        bounds = torch.searchsorted(flat[order], torch.arange(self.num_experts + 1, device=flat.device))
+        tokens_per_expert = bounds.diff()
         x = hidden[order // top_k]
         dispatch = _ExpertDispatch(self.ep_group, tokens_per_expert) if self.ep_group.size() > 1 else None
         if dispatch is not None:  # to the ranks holding the chosen experts, sorted by local expert there

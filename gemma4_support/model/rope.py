@@ -27,13 +27,11 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
 
 
 def rotary_tables(inv_freq: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [s, b, 1, head_dim] (fp32) for position ids [b, s], gathered from a table over 0..max(pos)."""
-    length = int(position_ids.max().item()) + 1
-    positions = torch.arange(length, device=inv_freq.device, dtype=torch.int64).to(torch.float32)
-    angles = positions[:, None] * inv_freq[None, :]
-    table = torch.cat((angles, angles), dim=-1)  # lane d and d + head_dim/2 share a frequency
-    gathered = table[position_ids.t()]  # [s, b, head_dim]
-    return gathered.cos().unsqueeze(2), gathered.sin().unsqueeze(2)
+    """cos, sin [s, b, 1, head_dim] (fp32) for position ids [b, s]: angle = float(position) * inv_freq, HF's fp32
+    product (no host synchronisation: nothing depends on the positions' values)."""
+    angles = position_ids.t().to(torch.float32)[..., None] * inv_freq.to(position_ids.device)  # [s, b, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)  # lane d and d + head_dim/2 share a frequency
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
