@@ -44,6 +44,21 @@ def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float
     return sorted(rows, key=lambda r: -r["ms"])[:count], busy / 1e3
 
 
+def host_syncs(step) -> list[str]:
+    """Where one step waits on the device (torch's sync debug mode): the source line of each synchronising call."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught if "synchroniz" in str(w.message)]
+
+
 def lora_config(targets: str) -> LoraConfig:
     """LoRA r16 on every projection and expert ("all") or on PEFT's targets for HF Gemma 4 ("peft": no experts)."""
     if targets == "all":
@@ -88,6 +103,8 @@ def main() -> int:
     if device == "cuda":
         result["top_ops"], result["busy_ms"] = top_ops(step(1024), args.top)
         print(f"GPU busy {result['busy_ms']:.1f} ms in one step (every kernel's self time)")
+        result["host_syncs"] = host_syncs(step(1024))
+        print(f"host synchronisations in one step: {len(result['host_syncs'])}", *result["host_syncs"][:12], sep="\n  ")
         for r in result["top_ops"]:
             print(f"{r['ms']:8.2f} ms {r['calls']:5d}  {r['op']:<36} {r['shapes'][:120]}")
     args.out.mkdir(parents=True, exist_ok=True)
