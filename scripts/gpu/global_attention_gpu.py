@@ -38,6 +38,15 @@ FLEX_TILES = {  # kernel_options tried for head dim 512 (forward BLOCK_M/N; back
                     "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
     "flex_t16": {"BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "num_warps": 4,
                  "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
+    # backward tiles around the model's choice (forward 32 x 32, backward 16 x 16, 4 warps, 1 stage)
+    "flex_model": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4,
+                   "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
+    "flex_b16x32_w8": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 8,
+                       "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
+    "flex_b32_w8": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 8,
+                    "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32},
+    "flex_b16_s2": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "num_warps": 4,
+                    "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
 }
 
 
@@ -80,6 +89,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="CPU smoke shapes")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--documents", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated candidate names to run (default: all)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heads, kv, dim, tokens = (4, 1, 64, 256) if args.small else (16, 2, 512, args.tokens)
@@ -105,8 +115,11 @@ def main() -> None:
                   "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), mask)}
     if device == "cuda":
         masks = {block: build_block_mask(row, None, block, device=device) for block in (64, 128)}
-        for name, block in (("flex_t32", 128), ("flex_t64x32", 128), ("flex_t16", 64)):
+        for name, block in (("flex_t32", 128), ("flex_t64x32", 128), ("flex_t16", 64), ("flex_model", 64),
+                            ("flex_b16x32_w8", 64), ("flex_b32_w8", 64), ("flex_b16_s2", 64)):
             candidates[f"{name}_mask{block}"] = (flex(FLEX_TILES[name]), masks[block])
+    if args.only:
+        candidates = {n: c for n, c in candidates.items() if n in args.only.split(",")}
     results = {}
     for name, (attend, m) in candidates.items():
         entry: dict = {}
