@@ -30,6 +30,7 @@ from validation.throughput import (
     Workload, cpu_workload, cut_config, flop_per_token, hf_model, hf_train_step, mean_keys, measure, megatron_model,
     packed_documents, random_state, ratio, run, slowed, train_step,
 )
+from gemma4_support.metrics import Gate
 from validation.thresholds import THROUGHPUT_FLOP_COUNT, THROUGHPUT_RATIO, throughput_gates
 
 pytestmark = [pytest.mark.stage_throughput, pytest.mark.xdist_group("throughput")]
@@ -160,3 +161,50 @@ def test_throughput_vs_hf_gpu(stage_report, pytestconfig: pytest.Config, gemma4_
                           attention="auto", seed=gemma4_seed, warmup=2, reps=3))
     stage_report.check(f"gpu/{name}", result["metrics"], throughput_gates("bfloat16", cuda=True),
                        seconds=round(time.perf_counter() - t0, 2), **report_info(result))
+
+
+def host_syncs(step) -> int:  # noqa: ANN001
+    """How many times one call of `step` waits on the device (torch's CUDA sync debug mode, counted)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_inside_the_step_gpu(stage_report, pytestconfig: pytest.Config) -> None:
+    """Issue 12's "no host synchronisation inside the step": with the row's masks prepared ahead (host-side planning,
+    as a data loader would), our train step — forward through every layer, fused label log-probs, backward — never
+    waits on the device. Sensitivity: the same step reading its loss back with .item() counts one."""
+    from gemma4_support.logprobs import label_logprobs
+
+    name, cfg = gpu_config(pytestconfig)
+    cfg = {**cfg, "vocab_size": 4096}  # the head's width changes no control flow
+    spec = load_spec(cfg)
+    model = megatron_model(spec, random_state(cfg, torch.bfloat16, "cuda", 0), torch.bfloat16, "cuda", "auto")
+    row = packed_documents(4096, 2, spec.vocab_size, 0).to("cuda")
+    inputs = row.model_inputs()
+    masks = model.backend.prepare(*inputs[1:], model.windows, row.batched_branch_ids())
+    mask = row.loss_mask
+
+    def step(read_back: bool = False) -> None:
+        model.zero_grad(set_to_none=True)
+        hidden = model.hidden_states(*inputs, masks=masks)
+        lp = label_logprobs(hidden[:, 0], model.head_weight(), row.labels, softcap=model.softcap)
+        loss = -(lp * mask).sum() / mask.sum()
+        loss.backward()
+        if read_back:
+            loss.item()
+
+    step()  # compiles the regions (compilation itself synchronises)
+    metrics = {"host_syncs_per_step": float(host_syncs(step)),
+               "host_syncs_with_item": float(host_syncs(lambda: step(read_back=True)))}
+    stage_report.check(f"gpu/{name}: host synchronisations", metrics,
+                       [Gate("host_syncs_per_step", "==", 0.0), Gate("host_syncs_with_item", ">=", 1.0)])
