@@ -252,6 +252,21 @@ def matmul_ceiling(device: str, dtype: torch.dtype, n: int, reps: int = 10) -> d
             "tflops": 2 * n ** 3 / rec["seconds"] / 1e12}
 
 
+def host_syncs(step: Callable[[], object]) -> list[str]:
+    """Where one call of `step` waits on the device (torch's CUDA sync debug mode): a line per synchronising call."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught if "synchroniz" in str(w.message)]
+
+
 def top_kernels(step: Callable[[], object], count: int = 15) -> list[dict]:
     """The `count` CUDA kernels with the most self time in one profiled call of `step`: name, ms, calls."""
     from torch.profiler import ProfilerActivity, profile

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
-from validation.throughput import (cut_config, megatron_model, packed_documents, random_state, score_step,  # noqa: E402
-                                   timed, train_step)
+from validation.throughput import (cut_config, host_syncs, megatron_model, packed_documents,  # noqa: E402
+                                   random_state, score_step, timed, train_step)
 
 
 def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float]:
@@ -42,21 +42,6 @@ def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float
         if us > 0 and e.key.startswith(prefix):
             rows.append({"op": e.key, "shapes": str(e.input_shapes)[:200], "ms": round(us / 1e3, 3), "calls": e.count})
     return sorted(rows, key=lambda r: -r["ms"])[:count], busy / 1e3
-
-
-def host_syncs(step) -> list[str]:
-    """Where one step waits on the device (torch's sync debug mode): the source line of each synchronising call."""
-    import warnings
-
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def lora_config(targets: str) -> LoraConfig:
