@@ -78,7 +78,8 @@ class Gemma4Experts(SequentialMLP):
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         # rows per expert from the sorted choices (bincount would wait on the device for its maximum: a host sync)
-        bounds = torch.searchsorted(flat[order], torch.arange(self.num_experts + 1, device=flat.device))
+        edges = torch.arange(self.num_experts + 1, device=flat.device, dtype=flat.dtype)
+        bounds = torch.searchsorted(flat[order], edges)
         tokens_per_expert = bounds.diff()
         x = hidden[order // top_k]
         dispatch = _ExpertDispatch(self.ep_group, tokens_per_expert) if self.ep_group.size() > 1 else None
