@@ -145,6 +145,7 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
             detach_lora(adapters)
             del adapters, opt
             free(device)
+            print(table({name: res["measurements"][name]}).splitlines()[-1], flush=True)  # as it lands: a cut run keeps it
     del model
     free(device)
 
