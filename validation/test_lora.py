@@ -88,6 +88,24 @@ def test_partial_targets_land_where_merging_puts_them(tmp_path, stage_report, ta
                         Gate("lora_moves_logits_max_abs_rel", ">=", 1e-3)])
 
 
+def test_expert_adapters_are_read_packed() -> None:
+    """The grouped path reads a layer's expert adapters as the packed parameters themselves (no per-call stack of E
+    pairs); a module's pair is a view of them, and its gradient is the packed gradient's slice."""
+    from gemma4_support.lora.adapter import _key
+
+    adapters = LoraAdapters(model_spec(fixture_dir("moe")), LORA)
+    spec = adapters.spec
+    layer = next(x for x in spec.layers if x.mlp == "moe")
+    names = [n for n in adapters.trained_names() if f"layers.{layer.index}.experts." in n and n.endswith("gate_proj")]
+    a, b = adapters.expert_pairs(names)
+    key = _key(names[0].replace(".experts.0.", ".experts."))
+    assert len(names) == spec.moe.num_experts and a is adapters.lora_A[key] and b is adapters.lora_B[key]
+    assert adapters.pair(names[1])[0].data_ptr() == a[1].data_ptr()
+    (a.sum() * 2).backward()
+    grads = adapters.module_tensors(grads=True)
+    assert torch.equal(grads[f"lora_A.{_key(names[1])}"], torch.full_like(a[1], 2.0))
+
+
 def _broken(adapter_dir, tmp_path, *, rename=None, drop=None, change=None, config=None):  # noqa: ANN001, ANN202
     out = tmp_path / "broken"
     out.mkdir()
