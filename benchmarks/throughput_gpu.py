@@ -7,8 +7,10 @@ train step (sdpa, each experts implementation, the fastest kept) and forward; to
 MFU against a bf16 8192^3 matmul measured in the same run, the top 15 CUDA kernels of one train step, and the
 stage's GPU gates (validation/thresholds.py) evaluated on the numbers.
 
---full-depth-lora: the whole 30-layer 26B-A4B shapes. Ours: LoRA r16 on every projection and every expert, AdamW on
-the adapters, each decoder layer recomputed in backward, one packed row of 16,384 tokens (four documents of 4,096).
+--full-depth-lora: the whole 30-layer 26B-A4B shapes. Ours: LoRA r16 on every projection and every expert ("all") and
+on PEFT's targets ("peft", the like-for-like comparison; --lora-targets), AdamW on the adapters, recomputation chosen
+by --recompute-layers (default: every decoder layer; "N+experts": N layers whole, the other layers' routed experts),
+one packed row of 16,384 tokens (four documents of 4,096).
 HF + PEFT: LoRA r16 on q/k/v/o and the dense MLP (PEFT cannot adapt HF's fused expert tensors), gradient
 checkpointing, AdamW, the same tokens as 4 x 4,096. tok/s and peak memory side by side; PEFT is imported lazily (a
 machine without it records "peft not installed"). Same weights on both sides, one model on the GPU at a time.
@@ -173,8 +175,8 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
         del hf, wrapped, opt
     free(device)
     md = (f"{json.dumps(res['model'])}, {tokens} tokens a step, {dtype}; ours: LoRA r16 on every projection and "
-          f"expert (all) or on PEFT's targets, AdamW, per-layer recompute; HF + PEFT: LoRA r16 on q/k/v/o + dense MLP, gradient checkpointing, "
-          f"AdamW\n\n" + table(res["measurements"]) + "\n")
+          f"expert (all) or on PEFT's targets, AdamW, recompute as named; HF + PEFT: LoRA r16 on q/k/v/o + dense MLP, "
+          f"gradient checkpointing, AdamW\n\n" + table(res["measurements"]) + "\n")
     return res, md
 
 
