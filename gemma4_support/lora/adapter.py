@@ -247,27 +247,24 @@ def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None =
     routed expert, `site` the first) both gain a leading expert dimension: [E, m·r, in] and [E, out, m·r].
     None when no member is adapted."""
     sites = stack or [site]
-    adapted = [j for j, name in enumerate(site.members) if name in adapters.modules_by_name]
-    if not adapted:
-        return None
-    rank, experts = adapters.config.rank, len(sites)
 
-    def gather(j: int, which: int) -> torch.Tensor:  # member j's A (0) or B (1) of every site: [E, ., .]
+    def member(name: str, j: int) -> tuple[torch.Tensor, torch.Tensor]:  # member j's (A, B) of every site: [E, ., .]
         if stack is None:
-            return adapters.pair(site.members[j])[which][None]
-        return adapters.expert_pairs([s.members[j] for s in sites])[which]
+            return tuple(t[None] for t in adapters.pair(name))
+        return adapters.expert_pairs([s.members[j] for s in sites])
 
-    a = torch.cat([gather(j, 0) for j in adapted], dim=1)  # [E, m·r, in]
-    width = len(adapted) * rank
+    pairs = {j: member(name, j) for j, name in enumerate(site.members) if name in adapters.modules_by_name}
+    if not pairs:
+        return None
+    rank, experts, width = adapters.config.rank, len(sites), len(pairs) * adapters.config.rank
+    a = torch.cat([a for a, _ in pairs.values()], dim=1)  # [E, m·r, in]
     rows = []  # per member [out_j, E·m·r]: output features as rows (the transform's unit), experts in the columns
     for j, name in enumerate(site.members):
         out_j = adapters.widths[name]
-        if j in adapted:
-            at = adapted.index(j) * rank
-            b = gather(j, 1)  # [E, out_j, r]
-            b = torch.cat([b.new_zeros(experts, out_j, at), b, b.new_zeros(experts, out_j, width - at - rank)], dim=2)
-        else:
-            b = a.new_zeros(experts, out_j, width)
+        b = a.new_zeros(experts, out_j, width)
+        if j in pairs:
+            at = list(pairs).index(j) * rank
+            b = torch.cat([b[..., :at], pairs[j][1], b[..., at + rank:]], dim=2)
         rows.append(b.transpose(0, 1).reshape(out_j, experts * width))
     (fused,) = site.combine.to_megatron(rows, adapters.spec, site.layer) if site.combine else rows
     b = fused.reshape(fused.shape[0], experts, width).transpose(0, 1).contiguous()  # [E, out, m·r]
