@@ -38,13 +38,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from gemma4_support.config.spec import load_spec  # noqa: E402
-from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora, detach_lora  # noqa: E402
+from gemma4_support.lora import attach_lora, detach_lora  # noqa: E402
 from gemma4_support.metrics import evaluate  # noqa: E402
 from gemma4_support.model.model import set_recompute  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import (  # noqa: E402
     Workload, allocated_gib, cut_config, describe, expert_path, flop_per_token, free, hf_model, hf_train_step,
-    lora_flop_per_token, matmul_ceiling, measure, megatron_model, packed_documents, random_state, run,
+    lora_flop_per_token, lora_r16, matmul_ceiling, measure, megatron_model, packed_documents, random_state, run,
     set_hf_experts, train_step,
 )
 from validation.thresholds import throughput_gates  # noqa: E402
@@ -121,9 +121,7 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     ceiling = matmul_ceiling(device, torch.bfloat16 if device == "cuda" else dtype, 1024 if small else 8192)
     go = functools.partial(measure, tokens=tokens, ceiling=ceiling["tflops"] * 1e12, device=device,
                            warmup=1, reps=args.reps)
-    ours_lora = LoraConfig(rank=16, alpha=32)  # every projection and every expert; B = 0 (PEFT's init)
-    peft_lora = LoraConfig(rank=16, alpha=32, target_modules=ATTENTION_TARGETS + MLP_TARGETS, experts=False)
-    variants = {"all": ("ours_lora_r16_all", ours_lora), "peft": ("ours_lora_r16_peft_targets", peft_lora)}
+    names = {"all": "ours_lora_r16_all", "peft": "ours_lora_r16_peft_targets"}
     res = {"mode": "full_depth_lora", "model": describe(spec), "tokens": tokens, "documents": row.document_lengths(),
            "dtype": str(dtype), "ceiling": ceiling, "flop_per_token": flops, "measurements": {}}
     state = random_state(cfg, dtype, device, args.seed)
@@ -133,7 +131,7 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
         for choice in args.recompute_layers.split(","):
             count, experts = choice.removesuffix("+experts"), choice.endswith("+experts")
             set_recompute(model, None if count == "all" else int(count), experts=experts)
-            name, config = variants[targets]
+            name, config = names[targets], lora_r16(targets)
             name += "" if choice == "all" else f"_recompute{model.recompute_layers}{'_experts' if experts else ''}"
             adapters = attach_lora(model, config)
             opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
@@ -167,7 +165,7 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=1e-4)
         rec = go(hf_train_step(wrapped, ids, opt),
-                 flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, peft_lora))
+                 flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, lora_r16("peft")))
         res["measurements"]["hf_peft_lora_r16"] = {
             **rec, "layout": f"{ids.shape[0]} x {ids.shape[1]}", "experts_implementation": args.hf_experts,
             "trainable_params": sum(p.numel() for p in trainable), "peft": peft.__version__,

@@ -33,7 +33,7 @@ from gemma4_support.config.families import truncate_config
 from gemma4_support.config.spec import ModelSpec, load_spec
 from gemma4_support.convert.checkpoint import load_hf_weights
 from gemma4_support.logprobs import score_row
-from gemma4_support.lora import LoraConfig, attach_lora, detach_lora, lora_modules
+from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora, detach_lora, lora_modules
 from gemma4_support.model.build import build_model
 from gemma4_support.model.mlp import set_expert_path
 from gemma4_support.packing import PackedRow, pack
@@ -155,6 +155,16 @@ def flop_per_token(spec: ModelSpec, doc_tokens: int) -> dict[str, float]:
     t["lm_head"] = 2 * H * spec.vocab_size
     forward = sum(t.values())
     return {**t, "forward": forward, "train": 3 * forward}
+
+
+def lora_r16(targets: str) -> LoraConfig:
+    """The benchmarks' LoRA r16 (alpha 32, PEFT's B = 0 init) on every projection and expert ("all") or on PEFT's own
+    targets for HF Gemma 4 ("peft": q/k/v/o and the dense MLP, no experts)."""
+    if targets == "all":
+        return LoraConfig(rank=16, alpha=32)
+    if targets == "peft":
+        return LoraConfig(rank=16, alpha=32, target_modules=ATTENTION_TARGETS + MLP_TARGETS, experts=False)
+    raise ValueError(f"unknown LoRA targets {targets!r}: use 'all' or 'peft'")
 
 
 def lora_flop_per_token(spec: ModelSpec, config: LoraConfig) -> float:

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.attention.masks import MaskLookup
 from gemma4_support.config.spec import ModelSpec
+from gemma4_support.errors import ConfigError
 from gemma4_support.model.config import layer_config
 from gemma4_support.model.layer import Gemma4DecoderLayer
 from gemma4_support.model.norm import Gemma4RMSNorm
@@ -121,8 +122,6 @@ def set_recompute(model: Gemma4Model, layers: int | None, *, experts: bool = Fal
     every layer; 0: none; Megatron's full-granularity block method), and with `experts` the routed experts of every
     other MoE layer (Megatron's selective "moe" recompute: their [tokens·k, ·] tensors, most of a layer's activation
     memory, give way to their [tokens, h] input for one more experts forward)."""
-    from gemma4_support.errors import ConfigError
-
     count = len(model.decoder.layers)
     layers = count if layers is None else layers
     if not 0 <= layers <= count:

@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from gemma4_support.attention import core  # noqa: E402
-from gemma4_support.attention.block_masks import build_block_mask  # noqa: E402
+from gemma4_support.attention.block_masks import WIDE_HEAD_KERNEL_OPTIONS, build_block_mask  # noqa: E402
 from gemma4_support.attention.masks import packing_dense_mask  # noqa: E402
 from gemma4_support.metrics import tensor_diff  # noqa: E402
 from gemma4_support.packing import PackedRow  # noqa: E402
@@ -38,15 +38,13 @@ FLEX_TILES = {  # kernel_options tried for head dim 512 (forward BLOCK_M/N; back
                     "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
     "flex_t16": {"BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "num_warps": 4,
                  "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
-    # backward tiles around the model's choice (forward 32 x 32, backward 16 x 16, 4 warps, 1 stage)
-    "flex_model": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4,
-                   "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
-    "flex_b16x32_w8": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 8,
-                       "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
-    "flex_b32_w8": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 8,
-                    "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32},
-    "flex_b16_s2": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "num_warps": 4,
-                    "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16},
+}
+MODEL_TILES = WIDE_HEAD_KERNEL_OPTIONS[torch.bfloat16]  # the model's choice: forward 32 x 32, backward 16 x 16
+FLEX_TILES |= {  # backward tiles around it
+    "flex_model": MODEL_TILES,
+    "flex_b16x32_w8": {**MODEL_TILES, "num_warps": 8, "BLOCK_N1": 32, "BLOCK_M2": 32},
+    "flex_b32_w8": {**MODEL_TILES, "num_warps": 8, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32},
+    "flex_b16_s2": {**MODEL_TILES, "num_stages": 2},
 }
 
 

@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from gemma4_support.config.spec import load_spec  # noqa: E402
-from gemma4_support.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig, attach_lora  # noqa: E402
+from gemma4_support.lora import attach_lora  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
-from validation.throughput import (cut_config, host_syncs, megatron_model, packed_documents,  # noqa: E402
+from validation.throughput import (cut_config, host_syncs, lora_r16, megatron_model, packed_documents,  # noqa: E402
                                    random_state, score_step, timed, train_step)
 
 
@@ -42,13 +42,6 @@ def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float
         if us > 0 and e.key.startswith(prefix):
             rows.append({"op": e.key, "shapes": str(e.input_shapes)[:200], "ms": round(us / 1e3, 3), "calls": e.count})
     return sorted(rows, key=lambda r: -r["ms"])[:count], busy / 1e3
-
-
-def lora_config(targets: str) -> LoraConfig:
-    """LoRA r16 on every projection and expert ("all") or on PEFT's targets for HF Gemma 4 ("peft": no experts)."""
-    if targets == "all":
-        return LoraConfig(rank=16, alpha=32)
-    return LoraConfig(rank=16, alpha=32, target_modules=ATTENTION_TARGETS + MLP_TARGETS, experts=False)
 
 
 def main() -> int:
@@ -72,7 +65,7 @@ def main() -> int:
     row = packed_documents(tokens, 2, spec.vocab_size, 0).to(device)
     params = list(model.parameters())
     if args.step == "lora_train":
-        params = list(attach_lora(model, lora_config(args.lora_targets)).parameters())
+        params = list(attach_lora(model, lora_r16(args.lora_targets)).parameters())
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tokens": tokens,
                     "chunk_tokens": {}}
     def step(chunk: int):  # noqa: ANN202
