@@ -15,7 +15,7 @@ from gemma4_support.errors import CheckpointError, ConfigError, Gemma4Error, Pac
 from gemma4_support.lora import LoraAdapters, LoraConfig, attach_lora, load_adapter, save_adapter, save_merged
 from gemma4_support.lora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from gemma4_support.logprobs import score_row
-from gemma4_support.metrics import Gate, tensor_diff
+from gemma4_support.metrics import Gate, evaluate, tensor_diff
 from gemma4_support.model.build import load_model, model_spec
 from gemma4_support.model.router_replay import recorded_routing
 from gemma4_support.packing import pack
@@ -83,9 +83,21 @@ def test_partial_targets_land_where_merging_puts_them(tmp_path, stage_report, ta
         base_logits = load_model(base, attention="dense")(*row.model_inputs(), branch_ids=row.batched_branch_ids())
     metrics = {"merged_vs_lora_logits_max_abs_rel": tensor_diff(with_lora, from_merged)["max_abs_rel"],
                "lora_moves_logits_max_abs_rel": tensor_diff(with_lora, base_logits)["max_abs_rel"]}
+    placement = Gate("merged_vs_lora_logits_max_abs_rel", "<=", 1e-5)
     stage_report.check(f"lora partial targets {'+'.join(targets)}{' + experts' if experts else ''}", metrics,
-                       [Gate("merged_vs_lora_logits_max_abs_rel", "<=", 1e-5),
-                        Gate("lora_moves_logits_max_abs_rel", ">=", 1e-3)])
+                       [placement, Gate("lora_moves_logits_max_abs_rel", ">=", 1e-3)])
+    if experts:  # sensitivity: every expert's gate and up pairs exchanged, as a misplaced [gate; up] would land them
+        with torch.no_grad():
+            for table in (adapters.lora_A, adapters.lora_B):
+                for key in [k for k in table.keys() if k.endswith("experts/gate_proj")]:
+                    up = key.removesuffix("gate_proj") + "up_proj"
+                    gate = table[key].clone()
+                    table[key].copy_(table[up])
+                    table[up].copy_(gate)
+            swapped = model(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        broken = {placement.metric: tensor_diff(swapped, from_merged)["max_abs_rel"]}
+        assert not evaluate(broken, [placement])[0].passed, broken
+        stage_report.record("lora partial targets: gate and up exchanged (sensitivity)", **broken)
 
 
 def test_expert_adapters_are_read_packed() -> None:
