@@ -164,10 +164,13 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
                                                           target_modules=list(PEFT_TARGETS)))
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=1e-4)
-        rec = go(hf_train_step(wrapped, ids, opt),
+        rec = go(hf_train_step(wrapped, ids, opt, args.hf_micro_batch),
                  flops=2 * flops["forward"] + 3 * lora_flop_per_token(spec, lora_r16("peft")))
         res["measurements"]["hf_peft_lora_r16"] = {
-            **rec, "layout": f"{ids.shape[0]} x {ids.shape[1]}", "experts_implementation": args.hf_experts,
+            **rec, "layout": f"{ids.shape[0]} x {ids.shape[1]}"
+                             + (f", micro-batches of {args.hf_micro_batch} (gradients accumulated)" if args.hf_micro_batch
+                                else ""),
+            "experts_implementation": args.hf_experts,
             "trainable_params": sum(p.numel() for p in trainable), "peft": peft.__version__,
             "weights_gib": allocated_gib(device)}
         del hf, wrapped, opt
@@ -192,6 +195,8 @@ def main() -> int:
                     help="full-depth LoRA, ours: decoder layers recomputed in backward, one run per value (all, N, or "
                          "N+experts: the other layers recompute their routed experts; e.g. all,20,0+experts)")
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation (full-depth LoRA mode)")
+    ap.add_argument("--hf-micro-batch", type=int, default=None,
+                    help="full-depth LoRA, HF + PEFT: rows per micro-batch, gradients accumulated (fits an 80 GB card)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--expert-path", default="grouped", choices=("grouped", "sequential"), help="our routed experts")
     ap.add_argument("--chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (train steps)")

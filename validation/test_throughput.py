@@ -25,6 +25,7 @@ import torch
 from gemma4_support.attention.masks import packing_dense_mask
 from gemma4_support.config.families import truncate_config
 from gemma4_support.config.spec import load_spec, read_config, text_config
+from gemma4_support.metrics import tensor_diff
 from gemma4_support.packing import pack
 from validation.throughput import (
     Workload, cpu_workload, cut_config, flop_per_token, hf_model, hf_train_step, host_syncs, mean_keys, measure,
@@ -140,6 +141,23 @@ def test_loss_gate_catches_documents_run_together(stage_report, cpu_pair: dict) 
                        gates, ours_loss=loss["separated"], hf_loss=hf_loss)
     stage_report.expect_caught("sensitivity/documents_run_together", {"train_loss_rel_diff_vs_hf": rel["joined"]},
                                gates, ours_loss=loss["joined"], hf_loss=hf_loss)
+
+
+def test_hf_micro_batches_accumulate_the_whole_batch(cpu_pair: dict) -> None:
+    """The full-depth peer on an 80 GB card runs HF one row at a time: the accumulated loss and gradients are the
+    whole batch's (fp32, <= 1e-5 relative), and a step that forgot to scale the parts is caught (2x off)."""
+    hf, ids = cpu_pair["hf"], cpu_pair["row"].input_ids.view(2, -1)
+    params = [p for p in hf.parameters() if p.requires_grad]
+
+    def run(micro: int | None) -> tuple[float, torch.Tensor]:
+        loss = float(hf_train_step(hf, ids, micro_batch=micro)())
+        return loss, torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+    with one_thread():
+        (whole, g_whole), (parts, g_parts) = run(None), run(1)
+    assert abs(parts - whole) <= 1e-5 * abs(whole), (parts, whole)
+    assert tensor_diff(g_whole, g_parts)["rel_l2"] <= 1e-5
+    assert tensor_diff(g_whole, 2 * g_parts)["rel_l2"] > 0.5  # unscaled parts: the gradient of the sum, not the mean
 
 
 def gpu_config(pytestconfig: pytest.Config) -> tuple[str, dict]:

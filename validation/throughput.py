@@ -329,19 +329,25 @@ def score_step(model: torch.nn.Module, row: PackedRow, chunk_tokens: int) -> Cal
     return step
 
 
-def hf_train_step(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
-                  ) -> Callable[[], torch.Tensor]:
-    """HF's step on a [B, n] batch: forward with labels (its own shifted loss), backward[, optimizer]: the loss."""
+def hf_train_step(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                  micro_batch: int | None = None) -> Callable[[], torch.Tensor]:
+    """HF's step on a [B, n] batch: forward with labels (its own shifted loss), backward[, optimizer]: the loss.
+
+    `micro_batch` rows at a time with the gradients accumulated (one optimizer step for the whole batch)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    parts = ids.split(micro_batch or ids.shape[0])
 
     def step() -> torch.Tensor:
         for p in params:
             p.grad = None
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        total = torch.zeros((), device=ids.device)
+        for part in parts:
+            loss = model(input_ids=part, labels=part, use_cache=False).loss * (part.shape[0] / ids.shape[0])
+            loss.backward()
+            total += loss.detach()
         if optimizer is not None:
             optimizer.step()
-        return loss.detach()
+        return total
 
     return step
 
