@@ -22,9 +22,8 @@ from gemma4_support.attention.backends import DenseBackend
 from gemma4_support.config.families import discover
 from gemma4_support.config.spec import FULL, SLIDING, ModelSpec, load_spec
 from gemma4_support.errors import MaskNotPreparedError
-from gemma4_support.metrics import evaluate
 from gemma4_support.lora import LoraConfig, attach_lora, detach_lora
-from gemma4_support.metrics import Gate, named_tensor_metrics, tensor_diff
+from gemma4_support.metrics import Gate, evaluate, named_tensor_metrics, tensor_diff
 from gemma4_support.model import mlp as mlp_module
 from gemma4_support.model import rope as rope_module
 from gemma4_support.model import router as router_module
@@ -233,6 +232,61 @@ def test_recompute_equals_stored_activations(stage_report, pytestconfig, gemma4_
         metrics[f"recompute_{tag}_lora_grad_max_rel_l2"] = float(named_tensor_metrics(runs[0][1], grads)["max_rel_l2"])
     stage_report.check("recompute vs stored activations", metrics, tuple(Gate(m, "<=", 1e-6) for m in metrics),
                        **subject.info(row))
+
+
+def _replayed_gradients(model: torch.nn.Module, row, routes: torch.Tensor, later: torch.Tensor,  # noqa: ANN001
+                        params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label log-probs of `row` scored under `routes`, and every gradient of their mean — the backward run while the
+    next row's routes (`later`) are being replayed, as a trainer accumulating several rows does."""
+    from gemma4_support.logprobs import score_row
+    from gemma4_support.model.router_replay import recorded_routing, replay_routing
+
+    for p in params:
+        p.grad = None
+    lp = score_row(model, dataclasses.replace(row, routed_experts=routes)).logprobs
+    with replay_routing(model, recorded_routing(model, later), row.length):
+        lp.mean().backward()
+    return lp.detach(), torch.cat([p.grad.flatten() for p in params])
+
+
+def test_recompute_keeps_the_replayed_routes(stage_report, pytestconfig, gemma4_seed: int, monkeypatch) -> None:
+    """Router replay under recompute: a recomputed layer routes as its forward did (the replay in force then), not as
+    whatever is replayed when backward runs — gradients equal the stored-activations run (MoE fixture, fp32, packed
+    row, random recorded routes that differ from the router's own). Sensitivity: layers checkpointed without the
+    forward's replay recompute with the later row's experts and the gradient gate fails."""
+    from gemma4_support.model.layer import Gemma4DecoderLayer
+    from gemma4_support.model.model import set_recompute
+    from torch.utils.checkpoint import checkpoint
+
+    subject = subject_for("fixture-moe", pytestconfig)
+    row = subject.row("packed", gemma4_seed)
+    model = megatron_model(subject)
+    params = [p for p in model.parameters() if p.requires_grad]
+    moe = [layer.moe.router for layer in model.decoder.layers if layer.is_moe]
+    experts, top_k = moe[0].per_expert_scale.numel(), moe[0].top_k
+    gen = torch.Generator().manual_seed(gemma4_seed)
+    routes, later = (torch.rand(row.length, len(moe), experts, generator=gen).argsort(-1)[..., :top_k] for _ in "ab")
+
+    def run(layers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        set_recompute(model, layers)
+        try:
+            return _replayed_gradients(model, row, routes, later, params)
+        finally:
+            set_recompute(model, 0)
+
+    stored, recomputed = run(0), run(None)
+    with monkeypatch.context() as m:  # the layer checkpointed as it is: the recompute reads the replay of backward time
+        m.setattr(Gemma4DecoderLayer, "recomputed", lambda self, *a: checkpoint(self, *a, use_reentrant=False))
+        broken = run(None)
+    gates = (Gate("recompute_replay_logprob_max_abs", "<=", 1e-6), Gate("recompute_replay_grad_rel_l2", "<=", 1e-5))
+
+    def compare(candidate: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        return {"recompute_replay_logprob_max_abs": tensor_diff(stored[0], candidate[0])["max_abs"],
+                "recompute_replay_grad_rel_l2": tensor_diff(stored[1], candidate[1])["rel_l2"]}
+
+    stage_report.check("recompute under router replay", compare(recomputed), gates, **subject.info(row))
+    stage_report.expect_caught("sensitivity/recompute_without_the_forward_replay", compare(broken), gates,
+                               **subject.info(row))
 
 
 def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, float]:

@@ -7,9 +7,12 @@
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
+from torch.utils.checkpoint import checkpoint
 
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.config.spec import LayerSpec
@@ -57,3 +60,14 @@ class Gemma4DecoderLayer(MegatronModule):
             ffn = self.post_mlp_layernorm(ffn) + self.post_moe_layernorm(routed)
         hidden = residual + self.post_ffn_layernorm(ffn)
         return hidden * self.layer_scalar
+
+    def recomputed(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: object) -> torch.Tensor:
+        """forward, its activations recomputed in backward under the router replay in force now (the backward runs
+        after a `replay_routing` block has closed: a recompute routing freely would not be the forward it replaces)."""
+        replay = self.moe.router.replay if self.is_moe else None
+
+        def run(*args: object) -> torch.Tensor:
+            with self.moe.router.replaying(replay) if self.is_moe else nullcontext():
+                return self(*args)
+
+        return checkpoint(run, hidden, rotary, mask, use_reentrant=False)

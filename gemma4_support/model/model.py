@@ -15,7 +15,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.attention.masks import MaskLookup
@@ -97,7 +96,7 @@ class Gemma4Model(MegatronModule):
         recompute = torch.is_grad_enabled() and self.recompute_layers
         for i, layer in enumerate(self.decoder.layers):
             args = (hidden, rotary[layer.layer.layer_type], masks.lookup(layer.window))
-            hidden = checkpoint(layer, *args, use_reentrant=False) if recompute and i < recompute else layer(*args)
+            hidden = layer.recomputed(*args) if recompute and i < recompute else layer(*args)
         return self.decoder.final_layernorm(hidden)
 
     def head_weight(self) -> torch.Tensor | None:

@@ -3,6 +3,9 @@ logits, softmax over all experts in fp32, top-k, renormalise the k weights to su
 No auxiliary loss."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
@@ -39,6 +42,15 @@ class Gemma4Router(MegatronModule):
         self.per_expert_scale = torch.nn.Parameter(torch.ones(experts, dtype=config.params_dtype))
         self.replay: torch.Tensor | None = None  # [T, k] expert indices to impose (router replay), else None
         self.last_choice: torch.Tensor | None = None  # the router's own top-k of the last call (diagnostics)
+
+    @contextmanager
+    def replaying(self, replay: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, `replay` is imposed (None: the router chooses); the previous setting comes back after."""
+        previous, self.replay = self.replay, replay
+        try:
+            yield
+        finally:
+            self.replay = previous
 
     def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """residual [T, h] -> (weights [T, k], indices [T, k]); with `replay` set, its experts are used."""
