@@ -17,7 +17,7 @@ from fixtures.packings import ROW_A, ROW_B, WINDOW
 from gemma4_support.attention.backends import AttentionBackend, DenseBackend, FlexBackend, attention_backend
 from gemma4_support.errors import Gemma4Error, MaskNotPreparedError
 from gemma4_support.loss import token_loss
-from gemma4_support.metrics import tensor_diff
+from gemma4_support.metrics import Gate, tensor_diff
 from gemma4_support.model.build import load_model
 from gemma4_support.packing import PackedRow, pack
 from gemma4_support.parallel import ContextParallelBackend, CPMasks, cp_forward
@@ -124,6 +124,34 @@ def test_unprepared_mask_names_key(gemma4_model_dir, depth, rows, stage_report) 
     with pytest.raises(Gemma4Error, match="without masks"):
         cp_model(*row.model_inputs())
     stage_report.record("unprepared_mask_error", message=str(err.value))
+
+
+def test_cp_forward_replays_the_rows_routing(rows, gemma4_seed, stage_report) -> None:  # noqa: ANN001
+    """A row carrying the sampler's MoE routing is scored under it through `cp_forward` too (MoE fixture, world size
+    1, each rank's part of the routes sharded by the row's CP plan): equal to the plain model under `replay_routing`.
+    Sensitivity: the routes dropped (`replay=False`, what cp_forward did before) moves the logits past the gate."""
+    from fixtures.factory import fixture_dir
+    from gemma4_support.model.router_replay import recorded_routing, replay_routing, routers_by_layer
+
+    moe_dir = fixture_dir("moe")
+    plain = load_model(moe_dir, depth="covering", attention="dense")
+    cp_model = load_model(moe_dir, depth="covering", attention=ContextParallelBackend(DenseBackend()))
+    routers = routers_by_layer(plain)
+    experts, top_k = next(iter(routers.values())).per_expert_scale.numel(), next(iter(routers.values())).top_k
+    row = _row(ROW_A, gemma4_seed + 3, plain.spec.vocab_size)
+    gen = torch.Generator().manual_seed(gemma4_seed)
+    routes = torch.rand(row.length, len(routers), experts, generator=gen).argsort(-1)[..., :top_k]
+    routed = dataclasses.replace(row, routed_experts=routes)
+    with torch.no_grad():
+        with replay_routing(plain, recorded_routing(plain, routes), row.length):
+            ref = plain(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        got = {"replayed": cp_forward(cp_model, routed), "dropped": cp_forward(cp_model, routed, replay=False)}
+    gates = (Gate("cp_replay_logits_max_abs", "<=", 1e-5),)
+    info = {"routes": "random, distinct per token", "experts": experts, "top_k": top_k, "seq_len": row.length}
+    stage_report.check("cp_forward replays routed_experts",
+                       {"cp_replay_logits_max_abs": tensor_diff(ref, got["replayed"])["max_abs"]}, gates, **info)
+    stage_report.expect_caught("sensitivity/cp_routes_dropped",
+                               {"cp_replay_logits_max_abs": tensor_diff(ref, got["dropped"])["max_abs"]}, gates, **info)
 
 
 def test_flex_vs_dense_model(model, gemma4_model_dir, depth, rows, stage_report) -> None:  # noqa: ANN001

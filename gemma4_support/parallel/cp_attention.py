@@ -23,6 +23,7 @@ from torch import nn
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.attention.masks import PreparedMasks
 from gemma4_support.errors import PackingError
+from gemma4_support.model.router_replay import recorded_routing, replay_routing
 from gemma4_support.packing import PackedRow
 from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan, plan_cp
 
@@ -149,8 +150,9 @@ def allreduce_grads(model: nn.Module, group: dist.ProcessGroup | None = None) ->
             dist.all_reduce(p.grad, group=group)
 
 
-def cp_forward(model: nn.Module, row: PackedRow, masks: CPMasks | None = None) -> torch.Tensor:
-    """This rank's forward of a whole packed row with tokens: its local logits [1, 2·chunk, vocab]."""
+def cp_forward(model: nn.Module, row: PackedRow, masks: CPMasks | None = None, *, replay: bool = True) -> torch.Tensor:
+    """This rank's forward of a whole packed row with tokens: its local logits [1, 2·chunk, vocab]; a row carrying
+    the sampler's MoE routing (`routed_experts`) has this rank's part of it replayed unless `replay=False`."""
     backend = getattr(model, "backend", None)
     if not isinstance(backend, ContextParallelBackend):
         raise PackingError(f"cp_forward needs a model built with context parallelism, got backend "
@@ -159,4 +161,8 @@ def cp_forward(model: nn.Module, row: PackedRow, masks: CPMasks | None = None) -
     if masks is None:
         masks = backend.prepare_row(row, model.windows)
     local = [masks.plan.shard(t, backend.rank, dim=1) for t in row.model_inputs()]
-    return model(*local, masks=masks)
+    if row.routed_experts is None or not replay:
+        return model(*local, masks=masks)
+    routes = masks.plan.shard(row.routed_experts.to(local[0].device), backend.rank, dim=0)
+    with replay_routing(model, recorded_routing(model, routes), routes.shape[0]):
+        return model(*local, masks=masks)
