@@ -43,7 +43,8 @@ class Gemma4Embedding(nn.Module):
         emb = self.word_embeddings(input_ids)
         if self.pad_token_id is not None:
             emb = torch.where((input_ids == self.pad_token_id).unsqueeze(-1), emb.detach(), emb)
-        emb = emb * torch.tensor(self.scale, dtype=torch.float32, device=emb.device).to(emb.dtype)
+        # HF's scale, rounded to the weight dtype, as a Python number: a device tensor made from it is a host copy
+        emb = emb * torch.tensor(self.scale, dtype=torch.float32).to(emb.dtype).item()
         return emb.transpose(0, 1).contiguous()
 
 
