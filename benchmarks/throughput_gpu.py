@@ -99,6 +99,7 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
           f"paired rounds ({result.get('paired', {}).get('status', 'not run')}; ours and HF's steps in turn, median of "
           f"the per-round ratios): train {fmt(met.get('trainer_train_ratio_vs_hf_paired'), '.3f')}, scoring vs HF "
           f"forward {fmt(met.get('trainer_score_ratio_vs_hf_forward_paired'), '.3f')}", "",
+          *paired_rounds(result.get("paired", {})),
           "FLOP/token (forward): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in result["flop_per_token"].items()), "",
           "gates: " + "; ".join(g.describe() for g in gates)]
     if result.get("top_kernels"):
@@ -106,6 +107,18 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
         md += [f"| `{k.get('name', k.get('error'))}` | {fmt(k.get('ms'), '.2f')} | {k.get('count', '-')} |"
                for k in result["top_kernels"]]
     return result, "\n".join(md) + "\n"
+
+
+def paired_rounds(paired: dict) -> list[str]:
+    """The paired rounds' seconds per step and round, with the caching allocator's events of each call."""
+    lines = []
+    for name, seconds in paired.get("seconds", {}).items():
+        events = paired.get("allocator_events", {}).get(name, [])
+        lines.append(f"- {name}: " + ", ".join(
+            f"{t:.4f} s" + (" ({alloc_retries} flushes, {device_allocs} mallocs, {device_frees} frees)".format(**e)
+                            if e and any(e.values()) else "")
+            for t, e in zip(seconds, events or [{}] * len(seconds))))
+    return lines + [""] if lines else []
 
 
 def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:

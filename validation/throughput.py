@@ -218,15 +218,27 @@ def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> tupl
             "peak_gib": peak / GiB if device == "cuda" else None}, out
 
 
-def paired(steps: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, list[float]]:
+_ALLOCATOR_EVENTS = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
+                     "device_frees": "num_device_free"}
+
+
+def paired(steps: dict[str, Callable[[], object]], device: str, rounds: int,
+           allocator: dict[str, list[dict[str, int]]] | None = None) -> dict[str, list[float]]:
     """Seconds of each step, called once a round in turn for `rounds` rounds (after one untimed round): a drift in
-    the machine's speed (seen: 10-25 % between processes on one H100) hits both sides of a ratio alike."""
+    the machine's speed (seen: 10-25 % between processes on one H100) hits both sides of a ratio alike. On CUDA,
+    `allocator` (if given) receives each timed call's caching-allocator events: cache flushes and device
+    (de)allocations, which synchronise and would slow a step that another model's memory crowds."""
     for fn in steps.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
+            before = torch.cuda.memory_stats() if device == "cuda" else {}
             times[name].append(timed(fn, device, warmup=0, reps=1)[0]["seconds"])
+            if allocator is not None and device == "cuda":
+                after = torch.cuda.memory_stats()
+                allocator.setdefault(name, []).append(
+                    {k: int(after.get(key, 0) - before.get(key, 0)) for k, key in _ALLOCATOR_EVENTS.items()})
     return times
 
 
@@ -485,12 +497,13 @@ def run(w: Workload) -> dict:
 
         steps = {"train": then_free(train, model), "hf_train": then_free(hf_train_step(hf, ids), hf),
                  "score": score_step(model, row, w.score_chunk_tokens), "hf_forward": hf_forward_step(hf, ids)}
+        events: dict[str, list[dict[str, int]]] = {}
         try:
-            times = paired(steps, dev, w.paired_rounds)
+            times = paired(steps, dev, w.paired_rounds, events)
         except torch.cuda.OutOfMemoryError as exc:
             res["paired"] = {"status": "OOM", "error": str(exc).splitlines()[0][:300]}
         else:
-            res["paired"] = {"status": "ok", "rounds": w.paired_rounds, "seconds": times}
+            res["paired"] = {"status": "ok", "rounds": w.paired_rounds, "seconds": times, "allocator_events": events}
             res["metrics"].update(paired_ratios(times, {"trainer_train_ratio_vs_hf_paired": ("train", "hf_train"),
                                                         "trainer_score_ratio_vs_hf_forward_paired": ("score", "hf_forward")}))
         del model, train
