@@ -488,7 +488,8 @@ def test_sensitivity_pad_row_trained_through_lookups(stage_report, pytestconfig,
 
 
 def test_router_replay_refuses_bad_choices() -> None:
-    """Replayed expert choices must cover every MoE layer with one top-k row per token, inside the expert range."""
+    """Replayed expert choices must cover every MoE layer with one top-k row per token, inside the expert range; a
+    nested replay restores the outer one."""
     from gemma4_support.errors import Gemma4Error
     from gemma4_support.model.router_replay import replay_routing, routers_by_layer
 
@@ -505,8 +506,12 @@ def test_router_replay_refuses_bad_choices() -> None:
     with pytest.raises(Gemma4Error, match="outside"):
         with replay_routing(model, {**good, 1: torch.full((10, k), experts)}, 10):
             pass
+    other = {layer: torch.ones(10, k, dtype=torch.long) for layer in good}
     with replay_routing(model, good, 10):
         assert all(r.replay is not None for r in routers_by_layer(model).values())
+        with replay_routing(model, other, 10):  # a nested block imposes its own, then gives the outer one back
+            assert all(int(r.replay[0, 0]) == 1 for r in routers_by_layer(model).values())
+        assert all(int(r.replay[0, 0]) == 0 for r in routers_by_layer(model).values())
     assert all(r.replay is None for r in routers_by_layer(model).values())
 
 

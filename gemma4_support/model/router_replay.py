@@ -3,7 +3,7 @@ Megatron model's routers, so training sees exactly the experts inference used.""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -40,13 +40,10 @@ def replay_routing(model: torch.nn.Module, indices: Mapping[int, torch.Tensor], 
             raise Gemma4Error(f"router replay for layer {layer} names experts outside 0..{router.per_expert_scale.numel() - 1} "
                               "(or a token mixes recorded experts with -1)",
                               "check that the replayed ids come from the same model; -1 rows mark tokens without a record")
-    try:
+    with ExitStack() as stack:  # each router's previous setting comes back after (nested blocks restore the outer)
         for layer, router in routers.items():
-            router.replay = indices[layer].to(router.weight.device, torch.long)
+            stack.enter_context(router.replaying(indices[layer].to(router.weight.device, torch.long)))
         yield
-    finally:
-        for router in routers.values():
-            router.replay = None
 
 
 def recorded_routing(model: torch.nn.Module, routed_experts: torch.Tensor) -> dict[int, torch.Tensor]:
