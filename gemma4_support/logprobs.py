@@ -8,7 +8,9 @@ checkpointing), so training keeps only the hidden states. The label log-probs al
 under gradients instead (`label_logprobs`): the gradient with respect to the pre-softcap logits per unit upstream gradient,
 (onehot − softmax)·(1 − tanh²), is formed while each chunk's logits are at hand and kept in the model's dtype
 ([tokens, vocab]: 4 GiB for 8,192 bf16 tokens of a 262,144 vocabulary), so the backward pass is two matrix products
-— no recomputed head, no fp32 re-pass, one weight-gradient product instead of one per chunk. A packed row that carries the sampler's MoE routing
+— no recomputed head, no fp32 re-pass, one weight-gradient product instead of one per chunk. With a frozen head
+(LoRA training) only its product with the head is kept ([tokens, h]: the hidden states' gradient before the
+per-position upstream scale). A packed row that carries the sampler's MoE routing
 (`PackedRow.routed_experts`) is scored with those expert choices replayed unless `replay=False`.
 """
 from __future__ import annotations
@@ -86,21 +88,31 @@ class _LabelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,  # noqa: ANN001
                 chunk: int) -> torch.Tensor:
-        train = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        wants_hidden, wants_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        unit = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device) if train else None
+        # The weight's gradient needs every position's per-unit gradient [tokens, vocab] at backward time (the
+        # upstream gradient weights each position); the hidden states' gradient alone is that, times the weight,
+        # scaled per position — so with a frozen head (LoRA) only its [tokens, h] product is kept.
+        unit = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device) \
+            if wants_weight else None
+        product = torch.empty_like(hidden) if wants_hidden and not wants_weight else None
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
-            picked, grad = _head_chunk(hidden[start:end] @ weight.t(), labels[start:end], softcap, train)
+            picked, grad = _head_chunk(hidden[start:end] @ weight.t(), labels[start:end], softcap,
+                                       wants_hidden or wants_weight)
             out[start:end] = picked
-            if train:
+            if unit is not None:
                 unit[start:end] = grad
-        ctx.save_for_backward(hidden, weight, unit)
+            elif product is not None:
+                product[start:end] = grad @ weight
+        ctx.save_for_backward(hidden if wants_weight else None, weight if wants_weight else None, unit, product)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple:  # noqa: ANN001
-        hidden, weight, unit = ctx.saved_tensors
+        hidden, weight, unit, product = ctx.saved_tensors
+        if product is not None:  # frozen head: d/dhidden = grad_out · (unit @ weight), formed in forward
+            return product.mul_(grad_out.to(product.dtype)[:, None]), None, None, None, None
         unit.mul_(grad_out.to(unit.dtype)[:, None])  # in place: the stored tensor serves this one backward
         grad_hidden = unit @ weight if ctx.needs_input_grad[0] else None
         grad_weight = unit.t() @ hidden if ctx.needs_input_grad[1] else None

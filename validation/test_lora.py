@@ -204,7 +204,7 @@ def test_wire_errors_name_the_field() -> None:
         assert expected in str(err.value) and "\n" not in str(err.value)
 
 
-def _fused_vs_checkpointed(model: torch.nn.Module, row) -> dict[str, float]:  # noqa: ANN001
+def _fused_vs_checkpointed(model: torch.nn.Module, adapters: torch.nn.Module, row) -> dict[str, float]:  # noqa: ANN001
     """The fused label log-probs (training's path) against the checkpointed chunked head: values and every gradient
     (base and LoRA) of the same weighted sum."""
     from gemma4_support.logprobs import chunked_logprobs, label_logprobs
@@ -214,11 +214,15 @@ def _fused_vs_checkpointed(model: torch.nn.Module, row) -> dict[str, float]:  # 
     runs = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
+        adapters.zero_grad(set_to_none=True)
         hidden = model.hidden_states(*row.model_inputs())[:, 0]
         lp = (label_logprobs(hidden, model.head_weight(), row.labels, softcap=model.softcap, chunk_tokens=24) if fused
               else chunked_logprobs(hidden, model.logits, row.labels, chunk_tokens=24).logprobs)
         (lp * weights).sum().backward()
-        runs.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        named = [*model.named_parameters(), *(("lora." + n, p) for n, p in adapters.named_parameters())]
+        grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        assert any(n.startswith("lora.") for n in grads), "no adapter gradient to compare"
+        runs.append((lp.detach(), grads))
     return {"logprob_max_abs": tensor_diff(runs[0][0], runs[1][0])["max_abs"],
             "grad_max_rel_l2": float(named_tensor_metrics(runs[0][1], runs[1][1])["max_rel_l2"])}
 
@@ -226,17 +230,20 @@ def _fused_vs_checkpointed(model: torch.nn.Module, row) -> dict[str, float]:  # 
 FUSED_HEAD_GATES = (Gate("logprob_max_abs", "<=", 1e-5), Gate("grad_max_rel_l2", "<=", 1e-5))
 
 
-@pytest.mark.parametrize("broken", [False, True], ids=["fused", "sensitivity/softcap-dropped-in-training"])
+@pytest.mark.parametrize("broken,frozen", [(False, False), (False, True), (True, False), (True, True)],
+                         ids=["fused", "fused-frozen-head", "sensitivity/softcap-dropped-in-training",
+                              "sensitivity/softcap-dropped-frozen-head"])
 def test_fused_label_logprobs_equal_the_checkpointed_head(stage_report, monkeypatch: pytest.MonkeyPatch,
-                                                          broken: bool) -> None:
+                                                          broken: bool, frozen: bool) -> None:
     """Training scores labels through the fused head (no recomputed logits); it equals the checkpointed chunked
     head in fp32 — values, base gradients (the tied embedding included) and LoRA gradients — on the MoE fixture,
-    and a fused head that forgets the final-logit softcap when training fails the gates."""
+    and a fused head that forgets the final-logit softcap when training fails the gates. With the base frozen (LoRA
+    training) the head keeps its [tokens, h] product instead of the [tokens, vocab] per-unit gradient."""
     from gemma4_support import logprobs as logprobs_module
 
     base = fixture_dir("moe")
     model = load_model(base, dtype=torch.float32, device="cpu", attention="dense")
-    attach_lora(model, LORA, freeze_base=False)
+    adapters = attach_lora(model, LORA, freeze_base=frozen)
     row = pack([40, 56]).with_tokens(torch.randint(1, model.spec.vocab_size, (96,),
                                                    generator=torch.Generator().manual_seed(5)))
     if broken:
@@ -244,7 +251,16 @@ def test_fused_label_logprobs_equal_the_checkpointed_head(stage_report, monkeypa
         monkeypatch.setattr(logprobs_module, "_head_chunk",
                             lambda z, y, softcap, train: original(z, y, None, train) if train else original(z, y, softcap, train))
         assert model.softcap is not None, "the fixture must softcap its logits for this sensitivity to mean anything"
-    metrics = _fused_vs_checkpointed(model, row)
+    metrics = _fused_vs_checkpointed(model, adapters, row)
+    if frozen and not broken:  # what the fused head keeps for backward: no [tokens, vocab] tensor
+        from gemma4_support.logprobs import label_logprobs
+
+        hidden = torch.randn(row.length, model.spec.hidden_size, requires_grad=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            label_logprobs(hidden, model.head_weight(), row.labels, softcap=model.softcap, chunk_tokens=24)
+        widest = max(t.shape[-1] for t in saved)
+        assert widest == model.spec.hidden_size < model.spec.vocab_size, [tuple(t.shape) for t in saved]
     if broken:
         stage_report.expect_caught("fused head without the softcap when training", metrics, FUSED_HEAD_GATES)
     else:
