@@ -16,7 +16,6 @@ per-position upstream scale). A packed row that carries the sampler's MoE routin
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -135,14 +134,11 @@ def score_row(model: torch.nn.Module, row: PackedRow, *, top_k: int = 0, chunk_t
               replay: bool = True) -> TokenLogprobs:
     """The model's log-probs of a packed row's labels (top-k when asked), the sampler's routing replayed when the
     row carries it."""
-    from gemma4_support.model.router_replay import recorded_routing, replay_routing
+    from gemma4_support.model.router_replay import replay_recorded
 
     if row.labels is None:
         raise PackingError("the packed row has no labels to score", "build it with PackedRow.with_tokens or pack_sequences")
-    routed = row.routed_experts is not None and replay
-    context = (replay_routing(model, recorded_routing(model, row.routed_experts.to(row.position_ids.device)), row.length)
-               if routed else nullcontext())
-    with context:
+    with replay_recorded(model, row.routed_experts if replay else None):
         hidden = model.hidden_states(*row.model_inputs(), branch_ids=row.batched_branch_ids())
     head = model.head_weight() if hasattr(model, "head_weight") else None
     # The fused path under gradients everywhere, and for plain scoring where its chunk is compiled (CUDA).

@@ -200,14 +200,10 @@ def _gather_grads(model, group, expert_group) -> tuple[dict[str, torch.Tensor], 
 
 def _forward_backward(model, row) -> torch.Tensor:  # noqa: ANN001
     """The row's logits after a backward of the probe loss (the row's routing replayed when it carries one)."""
-    from contextlib import nullcontext
-
     from gemma4_support.loss import token_loss
-    from gemma4_support.model.router_replay import recorded_routing, replay_routing
+    from gemma4_support.model.router_replay import replay_recorded
 
-    context = (replay_routing(model, recorded_routing(model, row.routed_experts), row.length)
-               if row.routed_experts is not None else nullcontext())
-    with context:
+    with replay_recorded(model, row.routed_experts):
         logits = model(*row.model_inputs(), branch_ids=row.batched_branch_ids())
     token_loss(logits, torch.roll(row.input_ids, -1)[None], denominator=row.length).backward()
     return logits.detach()

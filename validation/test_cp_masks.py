@@ -131,7 +131,7 @@ def test_cp_forward_replays_the_rows_routing(rows, gemma4_seed, stage_report) ->
     1, each rank's part of the routes sharded by the row's CP plan): equal to the plain model under `replay_routing`.
     Sensitivity: the routes dropped (`replay=False`, what cp_forward did before) moves the logits past the gate."""
     from fixtures.factory import fixture_dir
-    from gemma4_support.model.router_replay import recorded_routing, replay_routing, routers_by_layer
+    from gemma4_support.model.router_replay import replay_recorded, routers_by_layer
 
     moe_dir = fixture_dir("moe")
     plain = load_model(moe_dir, depth="covering", attention="dense")
@@ -143,7 +143,7 @@ def test_cp_forward_replays_the_rows_routing(rows, gemma4_seed, stage_report) ->
     routes = torch.rand(row.length, len(routers), experts, generator=gen).argsort(-1)[..., :top_k]
     routed = dataclasses.replace(row, routed_experts=routes)
     with torch.no_grad():
-        with replay_routing(plain, recorded_routing(plain, routes), row.length):
+        with replay_recorded(plain, routes):
             ref = plain(*row.model_inputs(), branch_ids=row.batched_branch_ids())
         got = {"replayed": cp_forward(cp_model, routed), "dropped": cp_forward(cp_model, routed, replay=False)}
     gates = (Gate("cp_replay_logits_max_abs", "<=", 1e-5),)

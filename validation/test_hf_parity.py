@@ -239,12 +239,12 @@ def _replayed_gradients(model: torch.nn.Module, row, routes: torch.Tensor, later
     """Label log-probs of `row` scored under `routes`, and every gradient of their mean — the backward run while the
     next row's routes (`later`) are being replayed, as a trainer accumulating several rows does."""
     from gemma4_support.logprobs import score_row
-    from gemma4_support.model.router_replay import recorded_routing, replay_routing
+    from gemma4_support.model.router_replay import replay_recorded
 
     for p in params:
         p.grad = None
     lp = score_row(model, dataclasses.replace(row, routed_experts=routes)).logprobs
-    with replay_routing(model, recorded_routing(model, later), row.length):
+    with replay_recorded(model, later):
         lp.mean().backward()
     return lp.detach(), torch.cat([p.grad.flatten() for p in params])
 

@@ -3,7 +3,7 @@ Megatron model's routers, so training sees exactly the experts inference used.""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch
 
@@ -61,3 +61,11 @@ def recorded_routing(model: torch.nn.Module, routed_experts: torch.Tensor) -> di
                           "replay routes recorded by a server running this model at this depth (vLLM's layer axis "
                           "counts MoE layers only)")
     return {layer: routed_experts[:, j] for j, layer in enumerate(sorted(routers))}
+
+
+def replay_recorded(model: torch.nn.Module, routed_experts: torch.Tensor | None) -> AbstractContextManager:
+    """Within the block, the model routes as a packed row's recorded routing says ([tokens, moe_layers, top_k], as
+    `PackedRow.routed_experts`); None: the routers choose freely."""
+    if routed_experts is None:
+        return nullcontext()
+    return replay_routing(model, recorded_routing(model, routed_experts), routed_experts.shape[0])

@@ -23,7 +23,7 @@ from torch import nn
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.attention.masks import PreparedMasks
 from gemma4_support.errors import PackingError
-from gemma4_support.model.router_replay import recorded_routing, replay_routing
+from gemma4_support.model.router_replay import replay_recorded
 from gemma4_support.packing import PackedRow
 from gemma4_support.parallel.cp_plan import CPMaskKey, CPPlan, plan_cp
 
@@ -161,8 +161,6 @@ def cp_forward(model: nn.Module, row: PackedRow, masks: CPMasks | None = None, *
     if masks is None:
         masks = backend.prepare_row(row, model.windows)
     local = [masks.plan.shard(t, backend.rank, dim=1) for t in row.model_inputs()]
-    if row.routed_experts is None or not replay:
-        return model(*local, masks=masks)
-    routes = masks.plan.shard(row.routed_experts.to(local[0].device), backend.rank, dim=0)
-    with replay_routing(model, recorded_routing(model, routes), routes.shape[0]):
+    routes = row.routed_experts if replay else None
+    with replay_recorded(model, None if routes is None else masks.plan.shard(routes, backend.rank, dim=0)):
         return model(*local, masks=masks)
