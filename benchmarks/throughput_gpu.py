@@ -77,7 +77,8 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
                  device=device, attention="dense" if small else args.attention, seed=args.seed,
                  warmup=1 if small else 2, reps=args.reps, chunk_tokens=128 if small else args.chunk_tokens,
                  score_chunk_tokens=128 if small else args.score_chunk_tokens,
-                 ceiling_n=1024 if small else 8192, expert_path=args.expert_path, hf=not args.no_hf)
+                 ceiling_n=1024 if small else 8192, expert_path=args.expert_path, hf=not args.no_hf,
+                 freeze_gc=not args.no_freeze_gc)
     result = run(w)
     if args.no_hf:  # our variants only: the measurement table
         return result, f"ours only (experts {result['ours']['expert_path']}, attention {w.attention})\n\n" + \
@@ -110,15 +111,26 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
 
 
 def paired_rounds(paired: dict) -> list[str]:
-    """The paired rounds' seconds per step and round, with the caching allocator's events of each call."""
+    """The paired rounds' seconds per step and round, with each call's host seconds, garbage-collector passes and
+    caching-allocator events."""
     lines = []
     for name, seconds in paired.get("seconds", {}).items():
-        events = paired.get("allocator_events", {}).get(name, [])
-        lines.append(f"- {name}: " + ", ".join(
-            f"{t:.4f} s" + (" ({alloc_retries} flushes, {device_allocs} mallocs, {device_frees} frees)".format(**e)
-                            if e and any(e.values()) else "")
-            for t, e in zip(seconds, events or [{}] * len(seconds))))
+        events = paired.get("call_events", {}).get(name, [])
+        lines.append(f"- {name}: " + ", ".join(f"{t:.4f} s" + call_events(e) for t, e in
+                                              zip(seconds, events or [{}] * len(seconds))))
     return lines + [""] if lines else []
+
+
+def call_events(e: dict) -> str:
+    """One call's events in a few words (empty when none were recorded)."""
+    if not e:
+        return ""
+    words = [f"host {e['host_s']:.4f} s"]
+    if e.get("gc_passes"):
+        words.append(f"{e['gc_passes']} gc ({e['gc_ms']:.1f} ms)")
+    words += [f"{e[k]} {w}" for k, w in (("alloc_retries", "flushes"), ("device_allocs", "mallocs"),
+                                         ("device_frees", "frees")) if e.get(k)]
+    return f" ({', '.join(words)})"
 
 
 def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
@@ -128,12 +140,12 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
     dtype = torch.float32 if small else torch.bfloat16
     tokens = args.tokens or (256 if small else 16384)
     spec = load_spec(cfg)
-    row = packed_documents(tokens, 4, spec.vocab_size, args.seed)
-    ids, row = row.input_ids.view(4, -1).to(device), row.to(device)
+    row = packed_documents(tokens, 4, spec.vocab_size, args.seed)  # on the host: each step plans and moves it
+    ids = row.input_ids.view(4, -1).to(device)
     flops = flop_per_token(spec, tokens // 4)
     ceiling = matmul_ceiling(device, torch.bfloat16 if device == "cuda" else dtype, 1024 if small else 8192)
     go = functools.partial(measure, tokens=tokens, ceiling=ceiling["tflops"] * 1e12, device=device,
-                           warmup=1, reps=args.reps)
+                           warmup=1, reps=args.reps, freeze_gc=not args.no_freeze_gc)
     names = {"all": "ours_lora_r16_all", "peft": "ours_lora_r16_peft_targets"}
     res = {"mode": "full_depth_lora", "model": describe(spec), "tokens": tokens, "documents": row.document_lengths(),
            "dtype": str(dtype), "ceiling": ceiling, "flop_per_token": flops, "measurements": {}}
@@ -215,6 +227,8 @@ def main() -> int:
     ap.add_argument("--chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (train steps)")
     ap.add_argument("--score-chunk-tokens", type=int, default=1024, help="positions per log-prob chunk (scoring)")
     ap.add_argument("--no-hf", action="store_true", help="our measurements only (compare our own variants)")
+    ap.add_argument("--no-freeze-gc", action="store_true",
+                    help="time with Python's collector traversing every object (default: frozen before timed calls)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"

@@ -133,13 +133,18 @@ def label_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 def score_row(model: torch.nn.Module, row: PackedRow, *, top_k: int = 0, chunk_tokens: int = 1024,
               replay: bool = True) -> TokenLogprobs:
     """The model's log-probs of a packed row's labels (top-k when asked), the sampler's routing replayed when the
-    row carries it."""
+    row carries it. A row still on the host (as a data loader packs it) has its masks planned there and is moved to
+    the model's device without the step waiting on the device; a row already there is planned from its ids."""
     from gemma4_support.model.router_replay import replay_recorded
 
     if row.labels is None:
         raise PackingError("the packed row has no labels to score", "build it with PackedRow.with_tokens or pack_sequences")
+    masks, device = None, next(model.parameters()).device
+    if row.position_ids.device != device:  # a host row: its masks planned here, then both queued to the device
+        masks = model.backend.prepare(*row.model_inputs()[1:], model.windows, row.batched_branch_ids(), device=device)
+        row = row.to(device, non_blocking=True)
     with replay_recorded(model, row.routed_experts if replay else None):
-        hidden = model.hidden_states(*row.model_inputs(), branch_ids=row.batched_branch_ids())
+        hidden = model.hidden_states(*row.model_inputs(), masks=masks, branch_ids=row.batched_branch_ids())
     head = model.head_weight() if hasattr(model, "head_weight") else None
     # The fused path under gradients everywhere, and for plain scoring where its chunk is compiled (CUDA).
     if top_k == 0 and head is not None and (torch.is_grad_enabled() or (hidden.is_cuda and compiled_enabled())):

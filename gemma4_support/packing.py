@@ -123,10 +123,13 @@ class PackedRow:
         """Branch ids as a [1, L] batch (None for plain packing)."""
         return None if self.branch_ids is None else self.branch_ids[None]
 
-    def to(self, device: torch.device | str) -> PackedRow:
-        """The same row on another device."""
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return PackedRow(**{k: None if v is None else v.to(device) for k, v in moved.items()})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedRow:
+        """The same row on another device (not checked again: the checks read values back, which would wait on it)."""
+        moved = object.__new__(PackedRow)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(moved, f.name, None if value is None else value.to(device, non_blocking=non_blocking))
+        return moved
 
 
 def pack(documents: Sequence[DocumentSpec]) -> PackedRow:

@@ -19,15 +19,16 @@ class CountingBackend(AttentionBackend):
         self.name = inner.name
         self.builds = 0
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> object:
         """The inner backend's mask, counted."""
         self.builds += 1
-        return self.inner.build_mask(row, window, query_range)
+        return self.inner.build_mask(row, window, query_range, device)
 
     def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
-                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
+                branch_ids: torch.Tensor | None = None, device: torch.device | str | None = None) -> PreparedMasks:
         """The inner backend's masks, counted."""
-        prepared = self.inner.prepare(position_ids, document_ids, windows, branch_ids)
+        prepared = self.inner.prepare(position_ids, document_ids, windows, branch_ids, device)
         self.builds += len(prepared)
         return prepared
 
@@ -41,9 +42,10 @@ class DropWindow(DenseBackend):
 
     name = "dense/drop_window"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> torch.Tensor:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
         """A global mask whatever the window."""
-        return super().build_mask(row, None, query_range)
+        return super().build_mask(row, None, query_range, device)
 
 
 class NoSharedPrefix(DenseBackend):
@@ -51,14 +53,15 @@ class NoSharedPrefix(DenseBackend):
 
     name = "dense/no_shared_prefix"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> torch.Tensor:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
         """The mask of the row's geometry without its branch ids."""
-        return super().build_mask(PackedRow(row.position_ids, row.document_ids), window, query_range)
+        return super().build_mask(PackedRow(row.position_ids, row.document_ids), window, query_range, device)
 
     def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
-                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
+                branch_ids: torch.Tensor | None = None, device: torch.device | str | None = None) -> PreparedMasks:
         """Masks prepared as if the row had no branches."""
-        return super().prepare(position_ids, document_ids, windows, None)
+        return super().prepare(position_ids, document_ids, windows, None, device)
 
 
 class ChunkOffByOne(DenseBackend):
@@ -67,11 +70,12 @@ class ChunkOffByOne(DenseBackend):
 
     name = "dense/chunk_off_by_one"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> torch.Tensor:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
         """The mask of the query range shifted back by one."""
         if query_range is not None and query_range[0] > 0:
             query_range = (query_range[0] - 1, query_range[1] - 1)
-        return super().build_mask(row, window, query_range)
+        return super().build_mask(row, window, query_range, device)
 
 
 BROKEN_MASKS: dict[str, type[DenseBackend]] = {

@@ -19,12 +19,13 @@ median of `reps`, CUDA synchronised around each):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -197,13 +198,37 @@ def allocated_gib(device: str) -> float | None:
     return torch.cuda.memory_allocated() / GiB if device == "cuda" else None
 
 
-def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> tuple[dict, object]:
-    """Median / all seconds of `reps` calls after `warmup` ones, their peak GiB (CPU: None), the last call's result."""
+def timed(fn: Callable[[], object], device: str, warmup: int, reps: int, freeze_gc: bool = True
+          ) -> tuple[dict, object]:
+    """Median / all seconds of `reps` calls after `warmup` ones, their peak GiB (CPU: None), the last call's result,
+    and the median host seconds (until the call returned, before the device finished: near `seconds`, the host is
+    what the step waits on). `freeze_gc`: the timed calls run with every object alive before them frozen out of
+    Python's collections (as trainers manage the collector: a full pass over the models' objects stalls the host)."""
     out = None
     for _ in range(warmup):
         out = None
         out = fn()
-    times, peak = [], 0
+    with frozen_gc(freeze_gc):
+        return _timed_calls(fn, device, reps)
+
+
+@contextlib.contextmanager
+def frozen_gc(enabled: bool = True) -> Iterator[None]:
+    """Collect, then exempt every live object from later collections until the block ends (`gc.freeze`)."""
+    if not enabled:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _timed_calls(fn: Callable[[], object], device: str, reps: int) -> tuple[dict, object]:
+    out = None
+    times, host, peak = [], [], 0
     for _ in range(reps):
         out = None
         if device == "cuda":
@@ -211,11 +236,34 @@ def timed(fn: Callable[[], object], device: str, warmup: int, reps: int) -> tupl
         sync(device)
         t0 = time.perf_counter()
         out = fn()
+        host.append(time.perf_counter() - t0)
         sync(device)
         times.append(time.perf_counter() - t0)
         peak = max(peak, torch.cuda.max_memory_allocated()) if device == "cuda" else 0
-    return {"seconds": statistics.median(times), "seconds_all": times,
+    return {"seconds": statistics.median(times), "seconds_all": times, "host_seconds": statistics.median(host),
             "peak_gib": peak / GiB if device == "cuda" else None}, out
+
+
+class GcPauses:
+    """Python's garbage-collector passes while active: their count and summed milliseconds (host stalls that a step
+    whose host barely keeps ahead of the device pays in full)."""
+
+    def __init__(self) -> None:
+        self.count, self.ms, self._t0 = 0, 0.0, 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.count += 1
+            self.ms += (time.perf_counter() - self._t0) * 1e3
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 _ALLOCATOR_EVENTS = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
@@ -223,22 +271,25 @@ _ALLOCATOR_EVENTS = {"alloc_retries": "num_alloc_retries", "device_allocs": "num
 
 
 def paired(steps: dict[str, Callable[[], object]], device: str, rounds: int,
-           allocator: dict[str, list[dict[str, int]]] | None = None) -> dict[str, list[float]]:
+           events: dict[str, list[dict[str, float]]] | None = None, freeze_gc: bool = True) -> dict[str, list[float]]:
     """Seconds of each step, called once a round in turn for `rounds` rounds (after one untimed round): a drift in
-    the machine's speed (seen: 10-25 % between processes on one H100) hits both sides of a ratio alike. On CUDA,
-    `allocator` (if given) receives each timed call's caching-allocator events: cache flushes and device
-    (de)allocations, which synchronise and would slow a step that another model's memory crowds."""
+    the machine's speed (seen: 10-25 % between processes on one H100) hits both sides of a ratio alike. `events` (if
+    given) receives per timed call its host seconds, garbage-collector passes and, on CUDA, the caching allocator's
+    cache flushes and device (de)allocations — what would slow one step beside another model's resident memory."""
     for fn in steps.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
             before = torch.cuda.memory_stats() if device == "cuda" else {}
-            times[name].append(timed(fn, device, warmup=0, reps=1)[0]["seconds"])
-            if allocator is not None and device == "cuda":
-                after = torch.cuda.memory_stats()
-                allocator.setdefault(name, []).append(
-                    {k: int(after.get(key, 0) - before.get(key, 0)) for k, key in _ALLOCATOR_EVENTS.items()})
+            with frozen_gc(freeze_gc), GcPauses() as pauses:  # the passes of the timed call, not the freeze's
+                rec = timed(fn, device, warmup=0, reps=1, freeze_gc=False)[0]
+            times[name].append(rec["seconds"])
+            if events is not None:
+                after = torch.cuda.memory_stats() if device == "cuda" else {}
+                events.setdefault(name, []).append(
+                    {**{k: int(after.get(key, 0) - before.get(key, 0)) for k, key in _ALLOCATOR_EVENTS.items()},
+                     "gc_passes": pauses.count, "gc_ms": round(pauses.ms, 3), "host_s": round(rec["host_seconds"], 5)})
     return times
 
 
@@ -249,11 +300,11 @@ def paired_ratios(times: dict[str, list[float]], pairs: dict[str, tuple[str, str
 
 
 def measure(fn: Callable[[], object], *, tokens: int, flops: float, ceiling: float | None, device: str,
-            warmup: int, reps: int) -> dict:
+            warmup: int, reps: int, freeze_gc: bool = True) -> dict:
     """One record: status (ok / OOM / error), timing, tok/s, FLOP/token, TFLOP/s, MFU, loss (a returned scalar)."""
     failed = None
     try:
-        rec, out = timed(fn, device, warmup, reps)
+        rec, out = timed(fn, device, warmup, reps, freeze_gc)
     except Exception as exc:  # noqa: BLE001 - recorded: one failing measurement must not lose the others
         failed = {"status": "OOM" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
                   "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:400], "tokens": tokens}
@@ -319,11 +370,14 @@ def train_step(model: torch.nn.Module, row: PackedRow, params: list[torch.nn.Par
                optimizer: torch.optim.Optimizer | None = None) -> Callable[[], torch.Tensor]:
     """Our step: forward, mean -log p(label) over the loss mask (chunked log-probs), backward[, optimizer]: the loss."""
 
+    mask = row.loss_mask.to(next(model.parameters()).device, torch.float32)
+    count = float(row.loss_mask.sum())
+
     def step() -> torch.Tensor:
         for p in params:
             p.grad = None
         lp = score_row(model, row, chunk_tokens=chunk_tokens).logprobs
-        loss = -lp[row.loss_mask].mean()
+        loss = -(lp * mask).sum() / count  # the mean over the loss mask, without indexing (which waits on the device)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -409,6 +463,7 @@ class Workload:
     expert_path: str = "grouped"  # our routed experts: grouped GEMMs or one MLP per expert (gemma4_support.model.mlp)
     hf: bool = True  # False: our measurements only (comparing our own variants in one run)
     paired_rounds: int = 5  # then both models resident, ours and HF's steps in turn: ratios immune to speed drift
+    freeze_gc: bool = True  # timed calls with the objects alive before them frozen out of Python's GC (both sides)
 
 
 def cpu_workload(**changes: object) -> Workload:
@@ -426,14 +481,14 @@ def run(w: Workload) -> dict:
 
     dtype, dev = getattr(torch, w.dtype), w.device
     spec = load_spec(w.config)
-    row = packed_documents(w.tokens, 2, spec.vocab_size, w.seed)
-    ids, row = row.input_ids.view(2, -1).to(dev), row.to(dev)
+    row = packed_documents(w.tokens, 2, spec.vocab_size, w.seed)  # on the host: each step plans and moves it
+    ids = row.input_ids.view(2, -1).to(dev)
     ceiling = matmul_ceiling(dev, torch.bfloat16 if dev == "cuda" else dtype, w.ceiling_n)
     flops = flop_per_token(spec, w.tokens // 2)
     lora = LoraConfig(rank=w.lora_rank, alpha=2.0 * w.lora_rank, init="random", b_std=0.01)
     lora_flops = lora_flop_per_token(spec, lora)
     go = functools.partial(measure, tokens=w.tokens, ceiling=ceiling["tflops"] * 1e12, device=dev, warmup=w.warmup,
-                           reps=w.reps)
+                           reps=w.reps, freeze_gc=w.freeze_gc)
     res = {"workload": {**asdict(w), "config": None}, "model": describe(spec), "documents": row.document_lengths(),
            "device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__, "ceiling": ceiling,
@@ -499,11 +554,11 @@ def run(w: Workload) -> dict:
                  "score": score_step(model, row, w.score_chunk_tokens), "hf_forward": hf_forward_step(hf, ids)}
         events: dict[str, list[dict[str, int]]] = {}
         try:
-            times = paired(steps, dev, w.paired_rounds, events)
+            times = paired(steps, dev, w.paired_rounds, events, w.freeze_gc)
         except torch.cuda.OutOfMemoryError as exc:
             res["paired"] = {"status": "OOM", "error": str(exc).splitlines()[0][:300]}
         else:
-            res["paired"] = {"status": "ok", "rounds": w.paired_rounds, "seconds": times, "allocator_events": events}
+            res["paired"] = {"status": "ok", "rounds": w.paired_rounds, "seconds": times, "call_events": events}
             res["metrics"].update(paired_ratios(times, {"trainer_train_ratio_vs_hf_paired": ("train", "hf_train"),
                                                         "trainer_score_ratio_vs_hf_forward_paired": ("score", "hf_forward")}))
         del model, train

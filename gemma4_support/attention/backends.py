@@ -1,8 +1,8 @@
 """Attention backends: one object per model that prepares masks before the forward and attends in each layer.
 
 An `AttentionBackend` has three methods, and the model calls nothing else:
-  prepare(position_ids, document_ids, windows, branch_ids) -> PreparedMasks   once per forward, before the layers
-  build_mask(row, window, query_range)                       -> mask          one mask of a packed row (CP chunks)
+  prepare(position_ids, document_ids, windows, branch_ids, device) -> PreparedMasks   once per forward, before the layers
+  build_mask(row, window, query_range, device)                       -> mask          one mask of a packed row (CP chunks)
   attend(query, key, value, mask)                            -> output        in every layer
 
 Registry (`attention_backend(name, spec, device)`):
@@ -12,6 +12,10 @@ CUDA; on CPU torch's flex is eager and forward-only, so training there stays den
 `auto`: flex on CUDA, dense elsewhere. Gemma 4's 512-wide global heads run flex with smaller kernel tiles
 (`block_masks.kernel_options`: flex's default tiles need more shared memory than Hopper has at head dim 512).
 Context parallelism wraps either (`gemma4_support.parallel.cp_attention.ContextParallelBackend`).
+
+Masks are placed on `device` (default: the ids' device). Ids on the host with a CUDA `device` is how a trainer plans
+without waiting on the GPU: flex plans from the row's geometry on the host either way, and ids already on the GPU
+must first be read back (a host synchronisation before the forward can start).
 """
 from __future__ import annotations
 
@@ -43,17 +47,20 @@ class AttentionBackend:
 
     name = "abstract"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
-        """The mask relating the queries in `query_range` (default: the whole row) to every key of `row`."""
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> object:
+        """The mask relating the queries in `query_range` (default: the whole row) to every key of `row`, on
+        `device` (default: the row's)."""
         raise NotImplementedError
 
     def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
-                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
-        """One mask per distinct window (None = global), keyed by window, for one packed row ([1, L] ids)."""
+                branch_ids: torch.Tensor | None = None, device: torch.device | str | None = None) -> PreparedMasks:
+        """One mask per distinct window (None = global), keyed by window, for one packed row ([1, L] ids), on
+        `device` (default: the ids')."""
         _require_one_row(position_ids, self.name)
         row = PackedRow(position_ids[0], document_ids[0], None if branch_ids is None else branch_ids[0])
         t0 = time.perf_counter()
-        masks = {w: self.build_mask(row, w) for w in set(windows)}
+        masks = {w: self.build_mask(row, w, device=device) for w in set(windows)}
         return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=self.name)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
@@ -66,13 +73,15 @@ class DenseBackend(AttentionBackend):
 
     name = "dense"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> torch.Tensor:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
         """Boolean [1, q, L] mask (True = may attend)."""
-        return packing_dense_mask(row, window, query_range).unsqueeze(0)
+        return _on(packing_dense_mask(row, window, query_range).unsqueeze(0), device)
 
     def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
-                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
-        """Boolean [b, s, s] masks for each distinct window, for a batch of packed rows."""
+                branch_ids: torch.Tensor | None = None, device: torch.device | str | None = None) -> PreparedMasks:
+        """Boolean [b, s, s] masks for each distinct window, for a batch of packed rows (built on `device`)."""
+        position_ids, document_ids, branch_ids = (_on(t, device) for t in (position_ids, document_ids, branch_ids))
         t0 = time.perf_counter()
         masks = {w: dense_mask(position_ids, document_ids, w, branch_ids=branch_ids) for w in set(windows)}
         return PreparedMasks(masks, plan_seconds=time.perf_counter() - t0, kind=self.name)
@@ -90,12 +99,13 @@ class FlexBackend(AttentionBackend):
     block_sizes: Mapping[int | None, int | None] = field(default_factory=dict)
     name = "flex"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> object:
         """A BlockMask, or a boolean [1, q, L] mask for a window kept dense."""
         size = self.block_sizes.get(window)
         if size is None:
-            return packing_dense_mask(row, window, query_range).unsqueeze(0)
-        return build_block_mask(row, window, size, query_range, device=row.position_ids.device)
+            return _on(packing_dense_mask(row, window, query_range).unsqueeze(0), device)
+        return build_block_mask(row, window, size, query_range, device=device or row.position_ids.device)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: object) -> torch.Tensor:
         """flex_attention for a BlockMask, eager attention for a window kept dense."""
@@ -129,6 +139,11 @@ def attention_backend(name: str, spec: ModelSpec, device: str | torch.device) ->
     if name not in BACKENDS:
         raise Gemma4Error(f"unknown attention backend {name!r}", f"choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name](spec, torch.device(device))
+
+
+def _on(t: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor | None:
+    """`t` on `device` (unchanged when None); a host tensor is copied without waiting for the device."""
+    return t if t is None or device is None else t.to(device, non_blocking=True)
 
 
 def _require_one_row(position_ids: torch.Tensor, backend: str) -> None:

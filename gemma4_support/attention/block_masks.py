@@ -118,9 +118,7 @@ def plan_block_states(
 
 
 def _mask_mod(row: PackedRow, window: int | None, q0: int, q1: int, device: torch.device | str):
-    pos = row.position_ids.to(device)
-    seg = row.segment_ids().to(device)
-    br = row.branches().to(device)
+    pos, seg, br = (t.to(device, non_blocking=True) for t in (row.position_ids, row.segment_ids(), row.branches()))
     qp, qs, qb = pos[q0:q1], seg[q0:q1], br[q0:q1]
 
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's mask_mod signature
@@ -143,7 +141,7 @@ def _direction(states: torch.Tensor, device: torch.device | str) -> list[torch.T
         idx = torch.zeros(n_rows, n_cols, dtype=torch.int32)
         idx[rows, rank] = cols.to(torch.int32)
         out += [num.to(torch.int32), idx]
-    return [t[None, None].to(device) for t in out]
+    return [t[None, None].to(device, non_blocking=True) for t in out]  # from the host: queued, never awaited
 
 
 def block_mask_from_states(

@@ -103,9 +103,10 @@ class ContextParallelBackend(AttentionBackend):
         self.rank = dist.get_rank(group)
         self.name = f"cp{self.cp_size}/{inner.name}"
 
-    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None) -> object:
+    def build_mask(self, row: PackedRow, window: int | None, query_range: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None) -> object:
         """The wrapped backend's mask."""
-        return self.inner.build_mask(row, window, query_range)
+        return self.inner.build_mask(row, window, query_range, device)
 
     def prepare_row(self, row: PackedRow, windows: Iterable[int | None], ranks: Iterable[int] | None = None) -> CPMasks:
         """Every (rank, chunk, window) mask of `ranks` (default: this rank) for the whole row, built now."""
@@ -120,7 +121,7 @@ class ContextParallelBackend(AttentionBackend):
         return CPMasks(prepared, plan, self.rank)
 
     def prepare(self, position_ids: torch.Tensor, document_ids: torch.Tensor, windows: Iterable[int | None],
-                branch_ids: torch.Tensor | None = None) -> PreparedMasks:
+                branch_ids: torch.Tensor | None = None, device: torch.device | str | None = None) -> PreparedMasks:
         """Refused: a rank sees only its local tokens, and CP masks need the whole row."""
         raise PackingError("a context-parallel forward was called without masks: CP masks need the whole packed row",
                            "run it through gemma4_support.parallel.cp_forward(model, row), or pass "

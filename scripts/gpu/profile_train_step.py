@@ -62,7 +62,7 @@ def main() -> int:
     dtype = torch.float32 if args.small else torch.bfloat16
     spec = load_spec(cfg)
     model = megatron_model(spec, random_state(cfg, dtype, device, 0), dtype, device, "dense" if args.small else "auto")
-    row = packed_documents(tokens, 2, spec.vocab_size, 0).to(device)
+    row = packed_documents(tokens, 2, spec.vocab_size, 0)  # on the host, as the benchmark's steps take it
     params = list(model.parameters())
     if args.step == "lora_train":
         params = list(attach_lora(model, lora_r16(args.lora_targets)).parameters())
