@@ -159,8 +159,7 @@ class LengthLoop:
         """One policy-gradient step on the LoRA: returns (loss, mean importance ratio vs vLLM)."""
         rows, where = M.packed(samples, get_runtime().packing_capacity, self.model.spec.vocab_size)
         self.opt.zero_grad()
-        device = next(self.model.parameters()).device
-        scored = [score_row(self.model, row.to(device)) for row in rows]
+        scored = [score_row(self.model, row) for row in rows]  # host rows: planned there, queued to the model's device
         lp = torch.cat([M.at_places(scored, places) for places in where])
         old = torch.cat([torch.tensor(s.choice.logprobs, dtype=torch.float64) for s in samples]).to(lp.device)
         adv = torch.cat([torch.full((len(p),), float(a)) for p, a in zip(where, advantages)]).to(lp.device)
