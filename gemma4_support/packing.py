@@ -128,7 +128,8 @@ class PackedRow:
         moved = object.__new__(PackedRow)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            object.__setattr__(moved, f.name, None if value is None else value.to(device, non_blocking=non_blocking))
+            object.__setattr__(moved, f.name, None if value is None else  # non-blocking only from the host
+                               value.to(device, non_blocking=non_blocking and value.device.type == "cpu"))
         return moved
 
 

@@ -143,7 +143,7 @@ def attention_backend(name: str, spec: ModelSpec, device: str | torch.device) ->
 
 def _on(t: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor | None:
     """`t` on `device` (unchanged when None); a host tensor is copied without waiting for the device."""
-    return t if t is None or device is None else t.to(device, non_blocking=True)
+    return t if t is None or device is None else t.to(device, non_blocking=t.device.type == "cpu")
 
 
 def _require_one_row(position_ids: torch.Tensor, backend: str) -> None:

@@ -118,7 +118,8 @@ def plan_block_states(
 
 
 def _mask_mod(row: PackedRow, window: int | None, q0: int, q1: int, device: torch.device | str):
-    pos, seg, br = (t.to(device, non_blocking=True) for t in (row.position_ids, row.segment_ids(), row.branches()))
+    pos, seg, br = (t.to(device, non_blocking=t.device.type == "cpu")  # a read back to the host must wait
+                    for t in (row.position_ids, row.segment_ids(), row.branches()))
     qp, qs, qb = pos[q0:q1], seg[q0:q1], br[q0:q1]
 
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's mask_mod signature
