@@ -1,7 +1,9 @@
 """Where our train step's GPU time goes (issue 12): the throughput stage's train step on the 26B-A4B shapes cut to 6
 layers (8,192 tokens, bf16, every parameter trainable), profiled once — the top operators by self CUDA time with
 their input shapes — and timed at several log-prob chunk sizes (the chunk count is how many times the tied
-embedding's gradient is accumulated and how large the fp32 log-softmax block is).
+embedding's gradient is accumulated and how large the fp32 log-softmax block is). `--host-calls N` also profiles
+the host side of N calls (cProfile): the Python functions and torch calls the host spends the step in, per call —
+where a step whose device waits on its host (host seconds near the step's) loses its time.
 
   python3 scripts/gpu/profile_train_step.py --out "$OUT"                 # on the GPU
   .venv/bin/python scripts/gpu/profile_train_step.py --small --out /tmp/x  # CPU smoke run
@@ -24,7 +26,7 @@ from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.lora import attach_lora  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import (cut_config, host_syncs, lora_r16, megatron_model, packed_documents,  # noqa: E402
-                                   random_state, score_step, timed, train_step)
+                                   random_state, score_step, sync, timed, train_step)
 
 
 def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float]:
@@ -44,6 +46,29 @@ def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float
     return sorted(rows, key=lambda r: -r["ms"])[:count], busy / 1e3
 
 
+def host_functions(step, calls: int, count: int, device: str) -> tuple[dict[str, list[dict]], float]:
+    """The `count` functions with the most host time over `calls` calls of `step` (cProfile; per call, in ms): by own
+    time, and this project's by cumulative time; and the host's seconds per call (until the step returned)."""
+    import cProfile
+    import pstats
+    import time
+
+    sync(device)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    host = (time.perf_counter() - t0) / calls
+    sync(device)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    rows = [{"function": f"{Path(f).name}:{line}({name})", "own_ms": own * 1e3 / calls, "cum_ms": cum * 1e3 / calls,
+             "calls": n / calls, "ours": "gemma4_support" in f} for (f, line, name), (_, n, own, cum, _) in stats.items()]
+    return {"own": sorted(rows, key=lambda r: -r["own_ms"])[:count],
+            "ours_cumulative": sorted((r for r in rows if r["ours"]), key=lambda r: -r["cum_ms"])[:count]}, host
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -52,6 +77,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--step", default="train", choices=("train", "score", "lora_train"),
                     help="the train step, the scoring forward, or the LoRA r16 step (base frozen)")
+    ap.add_argument("--host-calls", type=int, default=0, help="also profile the host side of this many calls")
     ap.add_argument("--lora-targets", default="all", choices=("all", "peft"),
                     help="lora_train: every projection and expert, or PEFT's (q/k/v/o + dense MLP)")
     args = ap.parse_args()
@@ -85,6 +111,13 @@ def main() -> int:
         print(f"host synchronisations in one step: {len(result['host_syncs'])}", *result["host_syncs"][:12], sep="\n  ")
         for r in result["top_ops"]:
             print(f"{r['ms']:8.2f} ms {r['calls']:5d}  {r['op']:<36} {r['shapes'][:120]}")
+    if args.host_calls:
+        result["host_functions"], host = host_functions(step(1024), args.host_calls, args.top, device)
+        result["host_seconds_profiled"] = host
+        print(f"host {host * 1e3:.1f} ms per call under cProfile; per call, by own time, then ours by cumulative:")
+        for key in ("own", "ours_cumulative"):
+            for r in result["host_functions"][key]:
+                print(f"{r['own_ms']:8.3f} ms {r['cum_ms']:8.2f} cum {r['calls']:7.1f}x  {r['function'][:110]}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"profile_{args.step}_step.json").write_text(json.dumps(result, indent=2))
     return 0
