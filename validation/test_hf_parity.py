@@ -366,6 +366,29 @@ def test_packed_expert_weights_stay_the_parameters(pytestconfig) -> None:
     assert torch.equal(moved, model(*row.model_inputs()).detach()) and not torch.equal(moved, reference)
 
 
+
+def test_grouped_experts_refuse_per_expert_hooks_and_skip_gradient_routing(pytestconfig) -> None:
+    """The grouped path reads the packed storage itself when no gradient flows (no per-expert gradient Function) and
+    routes the gradient per expert when one does; a forward hook on one expert's linear, which that path never calls,
+    is refused with an error naming the fix instead of being silently skipped."""
+    from gemma4_support.errors import ConfigError
+
+    subject = subject_for("fixture-moe", pytestconfig)
+    model = megatron_model(subject)
+    experts = next(m for m in model.modules() if isinstance(m, mlp_module.Gemma4Experts))
+    base = experts._packed["linear_fc1"]
+    with torch.no_grad():
+        assert experts.stacked("linear_fc1") is base
+    routed = experts.stacked("linear_fc1")
+    assert routed is not base and routed.grad_fn is not None and torch.equal(routed, base)
+    handle = experts.local_experts[3].linear_fc1.register_forward_hook(lambda *_: None)
+    row = subject.row("packed", 0)
+    with pytest.raises(ConfigError, match="forward hook is registered on a per-expert linear") as err:
+        model(*row.model_inputs())
+    assert "sequential" in str(err.value)
+    handle.remove()
+    model(*row.model_inputs())
+
 # ---------------------------------------------------------------- sensitivity: broken variants must fail the gate
 
 
