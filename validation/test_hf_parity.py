@@ -366,7 +366,6 @@ def test_packed_expert_weights_stay_the_parameters(pytestconfig) -> None:
     assert torch.equal(moved, model(*row.model_inputs()).detach()) and not torch.equal(moved, reference)
 
 
-
 def test_grouped_experts_refuse_per_expert_hooks_and_skip_gradient_routing(pytestconfig) -> None:
     """The grouped path reads the packed storage itself when no gradient flows (no per-expert gradient Function) and
     routes the gradient per expert when one does; a forward hook on one expert's linear, which that path never calls,
@@ -388,6 +387,7 @@ def test_grouped_experts_refuse_per_expert_hooks_and_skip_gradient_routing(pytes
     assert "sequential" in str(err.value)
     handle.remove()
     model(*row.model_inputs())
+
 
 # ---------------------------------------------------------------- sensitivity: broken variants must fail the gate
 

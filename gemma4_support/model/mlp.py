@@ -223,7 +223,7 @@ def pack_expert_weights(model: torch.nn.Module) -> None:
             if isinstance(module, Gemma4Experts):
                 module._packed = {}
                 for linear in ("linear_fc1", "linear_fc2"):
-                    params = [getattr(e, linear).weight for e in module.local_experts]
+                    params = module._expert_weights(linear)
                     base = torch.stack([p.detach() for p in params])
                     for e, p in enumerate(params):
                         p.data = base[e]
@@ -280,8 +280,7 @@ def set_expert_path(model: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"unknown expert path {path!r}", f"choose one of {EXPERT_PATHS}")
     for module in model.modules():
         if isinstance(module, Gemma4Experts):
-            if path == "grouped" and any(e.linear_fc1._forward_hooks or e.linear_fc2._forward_hooks
-                                         for e in module.local_experts):
+            if path == "grouped" and module._expert_linears_hooked():
                 raise ConfigError("per-expert forward hooks are attached (e.g. LoRA attached on the sequential path)",
                                   "detach them first, then switch the expert path and attach again")
             if path == "sequential" and module.lora_delta is not None:
