@@ -81,6 +81,19 @@ def tensor_diff(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, f
     }
 
 
+def max_ulps(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """The largest difference in units in the last place of the reference's dtype at each reference value."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"shape mismatch: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}")
+    info = torch.finfo(reference.dtype)
+    ref = reference.detach().to(torch.float64)
+    _, exponent = torch.frexp(ref)  # |ref| in [2^(e-1), 2^e): one unit there is 2^(e-1) * eps
+    ulp = torch.ldexp(torch.full_like(ref, info.eps), exponent - 1)
+    ulp = torch.where(ref == 0, 0.0, ulp).clamp(min=info.tiny * info.eps)  # zero and subnormals: the subnormal spacing
+    diff = (candidate.detach().to(torch.float64) - ref).abs() / ulp
+    return diff.max().item() if diff.numel() else 0.0
+
+
 def _zero_or_inf(differs: object) -> float:
     """A relative error against an all-zero reference: 0 when the candidate is zero too, else infinite."""
     return math.inf if bool(differs) else 0.0

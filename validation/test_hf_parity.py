@@ -23,7 +23,9 @@ from gemma4_support.config.families import discover
 from gemma4_support.config.spec import FULL, SLIDING, ModelSpec, load_spec
 from gemma4_support.errors import MaskNotPreparedError
 from gemma4_support.lora import LoraConfig, attach_lora, detach_lora
-from gemma4_support.metrics import Gate, evaluate, named_tensor_metrics, tensor_diff
+from gemma4_support.metrics import Gate, evaluate, max_ulps, named_tensor_metrics, tensor_diff
+from gemma4_support.model import attention as layer_attention
+from gemma4_support.model import layer as layer_module
 from gemma4_support.model import mlp as mlp_module
 from gemma4_support.model import rope as rope_module
 from gemma4_support.model import router as router_module
@@ -300,26 +302,42 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
     def rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    def diff(fn, *args) -> list[float]:  # noqa: ANN001
+    def diff(fn, *args, measure=lambda a, b: (a.float() - b.float()).abs().max().item()) -> list[float]:  # noqa: ANN001
         eager = fn.eager(*args)
         compiled = compile_region(fn, emulate_precision_casts=emulate_precision_casts)(*args)
         pairs = zip(eager, compiled) if isinstance(eager, tuple) else [(eager, compiled)]
-        return [(a.float() - b.float()).abs().max().item() for a, b in pairs]
+        return [measure(a, b) for a, b in pairs]
 
-    def diff_grad(fn, x: torch.Tensor, *rest) -> float:  # noqa: ANN001
-        """The input gradient of sum(fn(x) * g) eagerly and compiled (the region's compiled backward)."""
-        g = rand(*fn.eager(x, *rest).shape)
+    def diff_grad(fn, *args, measure=lambda a, b: (a.float() - b.float()).abs().max().item()) -> float:  # noqa: ANN001
+        """The gradients of sum(output * g) over every output, for every floating-point tensor argument, eagerly and
+        compiled (the region's compiled backward): the largest difference (`measure(eager, compiled)`)."""
+        def outputs(out) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+            return out if isinstance(out, tuple) else (out,)
+
+        gs = [rand(*o.shape) for o in outputs(fn.eager(*args))]
         grads = []
         for run in (fn.eager, compile_region(fn, emulate_precision_casts=emulate_precision_casts)):
-            leaf = x.detach().clone().requires_grad_()
-            run(leaf, *rest).backward(g)
-            grads.append(leaf.grad.float())
-        return (grads[0] - grads[1]).abs().max().item()
+            leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args]
+            torch.autograd.backward(outputs(run(*leaves)), gs)
+            grads.append([leaf.grad for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.grad is not None])
+        return max(measure(a, b) for a, b in zip(*grads))
 
     outputs, rows, weights = rand(512, 96), torch.randperm(512, generator=gen).view(64, 8), torch.rand(64, 8, generator=gen)
     logits = rand(16, 512) * 20
     gelu_tanh, mid = functools.partial(torch.nn.functional.gelu, approximate="tanh"), rand(64, 1, 192) * 3
     head = diff(_head_chunk, logits, torch.randint(0, 512, (16,), generator=gen), 30.0, True)
+    # the decoder layer's regions at a K=V layer's shapes (V = raw K) and an MoE layer's arity
+    cos, sin = rand(64, 1, 1, 32, dtype=torch.float32), rand(64, 1, 1, 32, dtype=torch.float32)
+    raw_q, raw_k = rand(64, 1, 4, 32) * 3, rand(64, 1, 1, 32) * 3
+    qkv = (raw_q, raw_k, raw_k, rand(32), rand(32), cos, sin, 1e-6)
+    residual, branch = rand(64, 1, 96) * 4, rand(64, 1, 96) * 2
+    norms = [rand(96) for _ in range(4)]
+    after_attention = (residual, branch, 1e-6, norms[0], norms[1], norms[2], norms[3], 96 ** -0.5)
+    tail = (residual, branch, 1e-6, norms[0], rand(1), norms[1], rand(64, 1, 96), norms[2])
+    layer_regions = {"qkv": (layer_attention.normed_rotary_qkv, qkv),
+                     "attention_residual": (layer_module.attention_residual, after_attention),
+                     "ffn_residual": (layer_module.ffn_residual, tail)}
     return {"rms_norm_max_abs": diff(rms_norm, rand(64, 96), rand(96), 1e-6)[0],
             "rope_max_abs": diff(rope_module.apply_rotary, rand(64, 1, 4, 32), rand(64, 1, 1, 32, dtype=torch.float32),
                                  rand(64, 1, 1, 32, dtype=torch.float32))[0],
@@ -327,13 +345,18 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
                                         + diff(mlp_module._weighted_sum_grads, rand(64, 96), outputs, rows, weights)[:1]),
             "gated_activation_max_abs": diff(mlp_module.gated_activation, mid, gelu_tanh)[0],
             "gated_activation_grad_max_abs": diff_grad(mlp_module.gated_activation, mid, gelu_tanh),
-            "head_logprob_max_abs": head[0], "head_grad_max_abs": head[1]}
+            "head_logprob_max_abs": head[0], "head_grad_max_abs": head[1],
+            **{f"{name}_max_ulps": max(diff(fn, *args, measure=max_ulps)) for name, (fn, args) in layer_regions.items()},
+            "layer_regions_grad_max_abs_rel": max(diff_grad(fn, *args, measure=lambda a, b: tensor_diff(a, b)["max_abs_rel"])
+                                                  for fn, args in layer_regions.values()),
+            "layer_regions_grad_max_ulps": max(diff_grad(fn, *args, measure=max_ulps) for fn, args in layer_regions.values())}
 
 
 @pytest.mark.slow
 def test_fused_regions_equal_eager(stage_report) -> None:
-    """The regions the model runs compiled on CUDA (RMSNorm, RoPE, the experts' weighted sum, the gated GELU, the head's
-    log-prob chunk) equal their eager bodies: compiled with the same options on the CPU, bf16 inputs."""
+    """The regions the model runs compiled on CUDA (RMSNorm, RoPE, the experts' weighted sum, the gated GELU, the
+    layer's norm/residual/RoPE regions, the head's log-prob chunk) equal their eager bodies: compiled with the same
+    options on the CPU, bf16 inputs."""
     stage_report.check("fused regions: compiled vs eager (bf16)", _fused_region_metrics(), FUSED_REGIONS_BF16)
 
 

@@ -16,8 +16,20 @@ from megatron.core.transformer.module import MegatronModule
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.config.spec import LayerSpec
 from gemma4_support.errors import ConfigError
+from gemma4_support.fused import cuda_compiled
 from gemma4_support.model import rope
-from gemma4_support.model.norm import Gemma4RMSNorm
+from gemma4_support.model.norm import Gemma4RMSNorm, rms_norm_inline
+
+
+@cuda_compiled
+def normed_rotary_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_weight: torch.Tensor,
+                      k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw q, k, v [s, b, n, d] -> (RoPE(q_norm(q)), RoPE(k_norm(k)), scale-free norm(v)): one compiled region on CUDA."""
+    rotate = getattr(rope.apply_rotary, "eager", rope.apply_rotary)  # a patched apply_rotary (sensitivity tests) is used as is
+    query = rotate(rms_norm_inline(query, q_weight, eps), cos, sin)
+    key_out = rotate(rms_norm_inline(key, k_weight, eps), cos, sin)
+    return query, key_out, rms_norm_inline(value, None, eps)
 
 
 class Gemma4Attention(MegatronModule):
@@ -66,9 +78,8 @@ class Gemma4Attention(MegatronModule):
         cos, sin = rotary
         mixed, _ = self.linear_qkv(hidden)
         query, key, value = self.split_qkv(mixed)
-        query = rope.apply_rotary(self.q_layernorm(query), cos, sin)
-        key = rope.apply_rotary(self.k_layernorm(key), cos, sin)
-        value = self.v_layernorm(value)
+        query, key, value = normed_rotary_qkv(query, key, value, self.q_layernorm.scale(), self.k_layernorm.scale(),
+                                              cos, sin, self.q_layernorm.eps)
         # [s, b, n, d] -> [b, n, s, d] for the attend step, and back.
         out = self.backend.attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), mask)
         out = out.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)

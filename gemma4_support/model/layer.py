@@ -4,6 +4,10 @@
   m   = mlp(pre_mlp_layernorm(h))                                   dense GELU-tanh gated MLP
   MoE layers:  m = post_mlp_layernorm(m) + post_moe_layernorm(experts(pre_moe_layernorm(h), router(h)))
   out = (h + post_ffn_layernorm(m)) * layer_scalar                  layer_scalar: a loaded buffer
+
+On CUDA the elementwise work between the matmuls runs as few compiled regions (fewer launches, less host time per
+layer): q/k/v norms with both RoPEs, the attention residual with every norm that reads it, and the feed-forward tail.
+The norm modules keep their parameters and names; the regions read their weights.
 """
 from __future__ import annotations
 
@@ -16,9 +20,36 @@ from torch.utils.checkpoint import checkpoint
 
 from gemma4_support.attention.backends import AttentionBackend
 from gemma4_support.config.spec import LayerSpec
+from gemma4_support.fused import cuda_compiled
 from gemma4_support.model.attention import Gemma4Attention
 from gemma4_support.model.mlp import Gemma4MoE, dense_mlp
-from gemma4_support.model.norm import Gemma4RMSNorm
+from gemma4_support.model.norm import Gemma4RMSNorm, rms_norm_inline
+from gemma4_support.model.router import scaled_router_input
+
+
+@cuda_compiled
+def attention_residual(residual: torch.Tensor, attn: torch.Tensor, eps: float, post_attention: torch.Tensor,
+                       pre_mlp: torch.Tensor, pre_moe: torch.Tensor | None = None, router_scale: torch.Tensor | None = None,
+                       router_root: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """residual + post_attention_layernorm(attn) = h, and what reads h: (h, pre_mlp_layernorm(h)) on dense layers,
+    (h, pre_mlp_layernorm(h), pre_moe_layernorm(h), the router's scaled input) on MoE layers; one region on CUDA."""
+    hidden = residual + rms_norm_inline(attn, post_attention, eps)
+    mlp_input = rms_norm_inline(hidden, pre_mlp, eps)
+    if pre_moe is None:
+        return hidden, mlp_input
+    router_input = scaled_router_input(rms_norm_inline(hidden, None, eps), router_scale, router_root)
+    return hidden, mlp_input, rms_norm_inline(hidden, pre_moe, eps), router_input
+
+
+@cuda_compiled
+def ffn_residual(residual: torch.Tensor, ffn: torch.Tensor, eps: float, post_ffn: torch.Tensor, layer_scalar: torch.Tensor,
+                 post_mlp: torch.Tensor | None = None, routed: torch.Tensor | None = None,
+                 post_moe: torch.Tensor | None = None) -> torch.Tensor:
+    """(residual + post_ffn_layernorm(ffn)) x layer_scalar, where on MoE layers ffn = post_mlp_layernorm(dense) +
+    post_moe_layernorm(routed); one region on CUDA."""
+    if routed is not None:
+        ffn = rms_norm_inline(ffn, post_mlp, eps) + rms_norm_inline(routed, post_moe, eps)
+    return (residual + rms_norm_inline(ffn, post_ffn, eps)) * layer_scalar
 
 
 class Gemma4DecoderLayer(MegatronModule):
@@ -51,15 +82,20 @@ class Gemma4DecoderLayer(MegatronModule):
         """hidden [s, b, h] -> [s, b, h]."""
         residual = hidden
         attn = self.self_attention(self.input_layernorm(hidden), rotary, mask)
-        hidden = residual + self.post_attention_layernorm(attn)
-
-        residual = hidden
-        ffn, _ = self.mlp(self.pre_mlp_layernorm(hidden))
-        if self.is_moe:
-            routed = self.moe(residual, self.pre_moe_layernorm(residual))
-            ffn = self.post_mlp_layernorm(ffn) + self.post_moe_layernorm(routed)
-        hidden = residual + self.post_ffn_layernorm(ffn)
-        return hidden * self.layer_scalar
+        eps = self.input_layernorm.eps
+        if not self.is_moe:
+            hidden, mlp_input = attention_residual(residual, attn, eps, self.post_attention_layernorm.scale(),
+                                                   self.pre_mlp_layernorm.scale())
+            ffn, _ = self.mlp(mlp_input)
+            return ffn_residual(hidden, ffn, eps, self.post_ffn_layernorm.scale(), self.layer_scalar)
+        router = self.moe.router
+        hidden, mlp_input, expert_input, router_input = attention_residual(
+            residual, attn, eps, self.post_attention_layernorm.scale(), self.pre_mlp_layernorm.scale(),
+            self.pre_moe_layernorm.scale(), router.scale, router.root_size)
+        ffn, _ = self.mlp(mlp_input)
+        routed = self.moe(hidden, expert_input, router_input)
+        return ffn_residual(hidden, ffn, eps, self.post_ffn_layernorm.scale(), self.layer_scalar,
+                            self.post_mlp_layernorm.scale(), routed, self.post_moe_layernorm.scale())
 
     def recomputed(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: object) -> torch.Tensor:
         """forward, its activations recomputed in backward under the router replay in force now (the backward runs

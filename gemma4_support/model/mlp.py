@@ -298,10 +298,13 @@ class Gemma4MoE(MegatronModule):
         self.experts = Gemma4Experts(config)
         self.recompute = False  # recompute the routed experts in backward (set_recompute): keep only their inputs
 
-    def forward(self, residual: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
-        """residual and normed expert input [s, b, h] -> experts' output [s, b, h]."""
+    def forward(self, residual: torch.Tensor, expert_input: torch.Tensor, router_input: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """residual and normed expert input [s, b, h] -> experts' output [s, b, h]; `router_input`: the router's
+        scaled input [s, b, h] when the caller has computed it (else the router computes it from the residual)."""
         hidden = residual.shape[-1]
-        weights, indices = self.router(residual.reshape(-1, hidden))
+        scaled = None if router_input is None else router_input.reshape(-1, hidden)
+        weights, indices = self.router(residual.reshape(-1, hidden), scaled)
         args = (expert_input.reshape(-1, hidden), weights, indices)
         if self.recompute and torch.is_grad_enabled():
             out = checkpoint(self.experts.routed, *args, use_reentrant=False)

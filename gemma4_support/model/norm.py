@@ -31,12 +31,22 @@ class Gemma4RMSNorm(nn.Module):
         if with_scale:
             self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
+    def scale(self) -> torch.Tensor | None:
+        """The weight this norm multiplies by (None when scale-free), as a fused region that inlines the norm takes it."""
+        if not self.with_scale:
+            return None
+        if self.tp_group is None:
+            return self.weight
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return copy_to_tensor_model_parallel_region(self.weight, self.tp_group)  # identity; gradient all-reduced
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
         flat = hidden.reshape(-1, hidden.shape[-1])  # one compiled graph per width, whatever the leading dims
-        weight = self.weight if self.with_scale else None
-        if weight is not None and self.tp_group is not None:
-            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+        return rms_norm(flat, self.scale(), self.eps).view(hidden.shape)
 
-            weight = copy_to_tensor_model_parallel_region(weight, self.tp_group)  # identity; gradient all-reduced
-        return rms_norm(flat, weight, self.eps).view(hidden.shape)
+
+def rms_norm_inline(hidden: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`rms_norm`'s own arithmetic over the last dimension, uncompiled: for the body of a larger fused region."""
+    return rms_norm.eager(hidden.reshape(-1, hidden.shape[-1]), weight, eps).view(hidden.shape)

@@ -28,6 +28,11 @@ def route(logits: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor,
     return weights, indices
 
 
+def scaled_router_input(normed: torch.Tensor, scale: torch.Tensor, root_size: float) -> torch.Tensor:
+    """The scale-free normed residual x the learned scale x hidden^-0.5 (in the model's dtype, as HF rounds it)."""
+    return normed * scale * root_size
+
+
 class Gemma4Router(MegatronModule):
     """Routes tokens of the residual stream to experts (weights replicated across tensor parallel ranks)."""
 
@@ -52,9 +57,14 @@ class Gemma4Router(MegatronModule):
         finally:
             self.replay = previous
 
-    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """residual [T, h] -> (weights [T, k], indices [T, k]); with `replay` set, its experts are used."""
-        x = self.norm(residual) * self.scale * self.root_size
+    def scaled_input(self, residual: torch.Tensor) -> torch.Tensor:
+        """What the router's linear reads: norm(residual) x scale x hidden^-0.5."""
+        return scaled_router_input(self.norm(residual), self.scale, self.root_size)
+
+    def forward(self, residual: torch.Tensor, scaled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual [T, h] -> (weights [T, k], indices [T, k]); with `replay` set, its experts are used. `scaled`:
+        `scaled_input(residual)` when a fused region has computed it already."""
+        x = self.scaled_input(residual) if scaled is None else scaled
         logits = F.linear(x, self.weight)
         weights, indices = route(logits, self.top_k, self.per_expert_scale)
         self.last_choice = indices.detach()
