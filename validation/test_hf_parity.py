@@ -335,6 +335,8 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
     norms = [rand(96) for _ in range(4)]
     after_attention = (residual, branch, 1e-6, norms[0], norms[1], norms[2], norms[3], 96 ** -0.5)
     tail = (residual, branch, 1e-6, norms[0], rand(1), norms[1], rand(64, 1, 96), norms[2])
+    choices = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(300)])
+    plan = zip(mlp_module.routing_plan.eager(choices, 16), compile_region(mlp_module.routing_plan)(choices, 16))
     layer_regions = {"qkv": (layer_attention.normed_rotary_qkv, qkv),
                      "attention_residual": (layer_module.attention_residual, after_attention),
                      "ffn_residual": (layer_module.ffn_residual, tail)}
@@ -349,6 +351,7 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
             **{f"{name}_max_ulps": max(diff(fn, *args, measure=max_ulps)) for name, (fn, args) in layer_regions.items()},
             "layer_regions_grad_max_abs_rel": max(diff_grad(fn, *args, measure=lambda a, b: tensor_diff(a, b)["max_abs_rel"])
                                                   for fn, args in layer_regions.values()),
+            "routing_plan_mismatches": sum(int((a != b).sum()) for a, b in plan),
             "layer_regions_grad_max_ulps": max(diff_grad(fn, *args, measure=max_ulps) for fn, args in layer_regions.values())}
 
 

@@ -97,6 +97,7 @@ FUSED_REGIONS_BF16 = (
     # here): measured 1 unit, 8e-4 of the largest gradient; without the casts 7e-3
     Gate("layer_regions_grad_max_ulps", "<=", 2.0),
     Gate("layer_regions_grad_max_abs_rel", "<=", 4e-3),
+    Gate("routing_plan_mismatches", "==", 0),  # integer bookkeeping of the routed experts: exact
 )
 
 # --- stage_discovery (issue 2): our per-layer resolution must equal HF transformers' exactly ---------

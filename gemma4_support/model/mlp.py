@@ -23,7 +23,7 @@ from gemma4_support.fused import cuda_compiled
 from gemma4_support.model.router import Gemma4Router
 
 __all__ = ["EXPERT_PATHS", "GatedMLP", "Gemma4Experts", "Gemma4MoE", "dense_mlp", "gated_activation", "pack_expert_weights",
-           "set_expert_path", "weighted_sum"]
+           "routing_plan", "set_expert_path", "weighted_sum"]
 
 EXPERT_PATHS = ("grouped", "sequential")
 # LoRA on the grouped path: (which linear: "fc1" | "fc2", expert-sorted input [N, in], group offsets) -> delta [N, out]
@@ -74,14 +74,8 @@ class Gemma4Experts(SequentialMLP):
 
     def routed(self, hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """hidden [T, h], routing weights/indices [T, k] -> [T, h] (sort tokens by expert, run, add back)."""
-        tokens, top_k = indices.shape
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        # rows per expert from the sorted choices (bincount would wait on the device for its maximum: a host sync)
-        edges = torch.arange(self.num_experts + 1, device=flat.device, dtype=flat.dtype)
-        bounds = torch.searchsorted(flat[order], edges)
-        tokens_per_expert = bounds.diff()
-        x = hidden[order // top_k]
+        source, tokens_per_expert, offsets, rows, slot_order = routing_plan(indices, self.num_experts)
+        x = hidden[source]
         dispatch = _ExpertDispatch(self.ep_group, tokens_per_expert) if self.ep_group.size() > 1 else None
         if dispatch is not None:  # to the ranks holding the chosen experts, sorted by local expert there
             x, tokens_per_expert = dispatch.send(x), dispatch.local_counts
@@ -89,7 +83,7 @@ class Gemma4Experts(SequentialMLP):
         if split:  # megatron's expert linears leave these collectives to the dispatcher (explicit_expert_comm)
             x = copy_to_tensor_model_parallel_region(x, self.tp_group)
         if self.path == "grouped":
-            out = self._grouped(x, tokens_per_expert.cumsum(0).to(torch.int32))
+            out = self._grouped(x, offsets if dispatch is None else tokens_per_expert.cumsum(0).to(torch.int32))
         else:
             # The routing weight multiplies each expert's output (as HF does), not its intermediate activation
             # (SequentialMLP's per-token scale): pass ones, so megatron's multiply is exact, and scale after fc2.
@@ -100,9 +94,6 @@ class Gemma4Experts(SequentialMLP):
             out = dispatch.receive(out)  # back to this rank's expert-sorted rows
         # Each token's k outputs, weighted and added one at a time in expert order, as HF adds them (one index_add_
         # per expert): the same roundings in bf16, no atomics, and read in place from the expert-sorted rows.
-        slot_order = indices.argsort(dim=-1, stable=True)  # [T, k]: the slot holding each token's j-th expert
-        sorted_row = _inverse(order)  # (token, slot) -> its row of `out`
-        rows = sorted_row.view(tokens, top_k).gather(1, slot_order)
         return _Combine.apply(out, rows, weights.gather(1, slot_order))
 
     def _grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -144,6 +135,22 @@ class Gemma4Experts(SequentialMLP):
         """Whether a forward hook is registered on any local expert's linear."""
         return any(e._modules["linear_fc1"]._forward_hooks or e._modules["linear_fc2"]._forward_hooks
                    for e in self.local_experts._modules.values())
+
+
+@cuda_compiled
+def routing_plan(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """Expert choices [T, k] -> (source: the token of each row once the (token, slot) pairs are sorted by expert,
+    stably; tokens per expert [E]; their cumulative ends (int32, the grouped GEMMs' offsets); rows [T, k]: the sorted
+    row of each token's j-th expert in expert order; slot_order [T, k]: the slot holding that expert). No host
+    synchronisation: the counts come from a search of the sorted choices, not bincount (which reads its maximum)."""
+    tokens, top_k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    edges = torch.arange(num_experts + 1, device=flat.device, dtype=flat.dtype)
+    tokens_per_expert = torch.searchsorted(flat[order], edges).diff()
+    slot_order = indices.argsort(dim=-1, stable=True)
+    rows = _inverse(order).view(tokens, top_k).gather(1, slot_order)
+    return order // top_k, tokens_per_expert, tokens_per_expert.cumsum(0).to(torch.int32), rows, slot_order
 
 
 class _ExpertDispatch:
