@@ -101,6 +101,10 @@ def harness(args: argparse.Namespace, device: str) -> tuple[dict, str]:
           f"the per-round ratios): train {fmt(met.get('trainer_train_ratio_vs_hf_paired'), '.3f')}, scoring vs HF "
           f"forward {fmt(met.get('trainer_score_ratio_vs_hf_forward_paired'), '.3f')}", "",
           *paired_rounds(result.get("paired", {})),
+          f"paired LoRA rounds ({result.get('paired_lora', {}).get('status', 'not run')}): LoRA train vs HF full train "
+          f"{fmt(met.get('trainer_lora_train_ratio_vs_hf_train_paired'), '.3f')}, LoRA scoring vs HF forward "
+          f"{fmt(met.get('trainer_score_lora_ratio_vs_hf_forward_paired'), '.3f')}", "",
+          *paired_rounds(result.get("paired_lora", {})),
           "FLOP/token (forward): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in result["flop_per_token"].items()), "",
           "gates: " + "; ".join(g.describe() for g in gates)]
     if result.get("top_kernels"):

@@ -69,10 +69,13 @@ def test_throughput_harness_cpu(stage_report, gemma4_seed: int) -> None:
     m = result["measurements"]
     assert {"hf_train_grouped_mm", "hf_train_eager"} <= set(m), "HF's experts implementations were not tried"
     assert all(m[n]["mfu"] > 0 for n in ("train", "lora_train", "hf_train")), m
-    paired = result["paired"]  # the rounds of ours and HF's steps in turn, both models resident
-    assert paired["status"] == "ok" and all(len(t) == paired["rounds"] > 0 and min(t) > 0
-                                            for t in paired["seconds"].values()), paired
-    assert result["metrics"]["trainer_train_ratio_vs_hf_paired"] > 0
+    for phase in ("paired", "paired_lora"):  # the rounds of ours and HF's steps in turn, both models resident
+        paired = result[phase]
+        assert paired["status"] == "ok" and all(len(t) == paired["rounds"] > 0 and min(t) > 0
+                                                for t in paired["seconds"].values()), paired
+    assert set(result["paired_lora"]["seconds"]) == {"lora_train", "score_lora", "hf_train", "hf_forward"}
+    assert all(result["metrics"][f"trainer_{r}_paired"] > 0 for r in (
+        "train_ratio_vs_hf", "score_ratio_vs_hf_forward", "lora_train_ratio_vs_hf_train", "score_lora_ratio_vs_hf_forward"))
 
 
 def test_flop_count_matches_the_model(stage_report) -> None:

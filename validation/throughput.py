@@ -16,6 +16,9 @@ median of `reps`, CUDA synchronised around each):
   hf_train_<x>   HF Gemma4ForCausalLM, sdpa attention, experts implementation x: forward with labels (its own
                  loss), backward; an implementation that transformers refuses is skipped; `hf_train` = the fastest
   hf_forward     HF's no_grad forward (logits) with the fastest implementation
+
+Then, both models resident, `paired_rounds` rounds of ours and HF's steps called in turn (train, score, and again
+with the LoRA attached): the median per-round ratios are immune to a drift in the machine's speed.
 """
 from __future__ import annotations
 
@@ -550,21 +553,34 @@ def run(w: Workload) -> dict:
         def then_free(step: Callable[[], object], module: torch.nn.Module) -> Callable[[], None]:
             return lambda: (step(), module.zero_grad(set_to_none=True))
 
-        steps = {"train": then_free(train, model), "hf_train": then_free(hf_train_step(hf, ids), hf),
-                 "score": score_step(model, row, w.score_chunk_tokens), "hf_forward": hf_forward_step(hf, ids)}
-        events: dict[str, list[dict[str, int]]] = {}
-        try:
-            times = paired(steps, dev, w.paired_rounds, events, w.freeze_gc)
-        except torch.cuda.OutOfMemoryError as exc:
-            res["paired"] = {"status": "OOM", "error": str(exc).splitlines()[0][:300]}
-        else:
-            res["paired"] = {"status": "ok", "rounds": w.paired_rounds, "seconds": times, "call_events": events}
-            res["metrics"].update(paired_ratios(times, {"trainer_train_ratio_vs_hf_paired": ("train", "hf_train"),
-                                                        "trainer_score_ratio_vs_hf_forward_paired": ("score", "hf_forward")}))
-        del model, train
+        hf_steps = {"hf_train": then_free(hf_train_step(hf, ids), hf), "hf_forward": hf_forward_step(hf, ids)}
+        steps = {"train": then_free(train, model), "score": score_step(model, row, w.score_chunk_tokens)}
+        res["paired"] = paired_phase({**steps, **hf_steps}, {"trainer_train_ratio_vs_hf_paired": ("train", "hf_train"),
+                                     "trainer_score_ratio_vs_hf_forward_paired": ("score", "hf_forward")}, w, res)
+        adapters = attach_lora(model, lora)  # the LoRA steps in turn with HF's too (single calls drift with the host)
+        lora_steps = {"lora_train": then_free(train_step(model, row, list(adapters.parameters()), w.chunk_tokens), adapters),
+                      "score_lora": score_step(model, row, w.score_chunk_tokens)}
+        res["paired_lora"] = paired_phase(
+            {**lora_steps, **hf_steps}, {"trainer_lora_train_ratio_vs_hf_train_paired": ("lora_train", "hf_train"),
+                                         "trainer_score_lora_ratio_vs_hf_forward_paired": ("score_lora", "hf_forward")},
+            w, res)
+        detach_lora(adapters)
+        del model, train, adapters, steps, lora_steps
     del hf
     free(dev)
     return res
+
+
+def paired_phase(steps: dict[str, Callable[[], object]], pairs: dict[str, tuple[str, str]], w: Workload, res: dict) -> dict:
+    """`paired` rounds of `steps` as a report entry (status, seconds, per-call events); their median ratios `pairs`
+    go into res["metrics"]."""
+    events: dict[str, list[dict[str, float]]] = {}
+    try:
+        times = paired(steps, w.device, w.paired_rounds, events, w.freeze_gc)
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"status": "OOM", "error": str(exc).splitlines()[0][:300]}
+    res["metrics"].update(paired_ratios(times, pairs))
+    return {"status": "ok", "rounds": w.paired_rounds, "seconds": times, "call_events": events}
 
 
 def describe(spec: ModelSpec) -> dict:
