@@ -56,7 +56,6 @@ class Gemma4Attention(MegatronModule):
         )
         self.q_layernorm = Gemma4RMSNorm(self.head_dim, config.layernorm_epsilon, dtype=config.params_dtype)
         self.k_layernorm = Gemma4RMSNorm(self.head_dim, config.layernorm_epsilon, dtype=config.params_dtype)
-        self.v_layernorm = Gemma4RMSNorm(self.head_dim, config.layernorm_epsilon, with_scale=False)
         if tp_size > 1:  # each rank normalises only its own heads: the per-head norms' gradients are partial sums
             self.q_layernorm.tp_group = self.k_layernorm.tp_group = tp_group
         self.linear_proj = RowParallelLinear(
