@@ -335,7 +335,6 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
     norms = [rand(96) for _ in range(4)]
     after_attention = (residual, branch, 1e-6, norms[0], norms[1], norms[2], norms[3], 96 ** -0.5)
     tail = (residual, branch, 1e-6, norms[0], rand(1), norms[1], rand(64, 1, 96), norms[2])
-    choices = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(300)])
     layer_regions = {"qkv": (layer_attention.normed_rotary_qkv, qkv),
                      "attention_residual": (layer_module.attention_residual, after_attention),
                      "ffn_residual": (layer_module.ffn_residual, tail)}
@@ -352,8 +351,15 @@ def _fused_region_metrics(emulate_precision_casts: bool = True) -> dict[str, flo
             **{f"{name}_max_ulps": max(diff(fn, *args, measure=max_ulps)) for name, (fn, args) in layer_regions.items()},
             "layer_regions_grad_max_ulps": max(g[0] for g in layer_grads),
             "layer_regions_grad_max_abs_rel": max(g[1] for g in layer_grads),
-            "routing_plan_mismatches": sum(diff(mlp_module.routing_plan, choices, 16,
-                                                measure=lambda a, b: int((a != b).sum())))}
+            "routing_plan_mismatches": _routing_plan_mismatches(compile_region(mlp_module.routing_plan,
+                                                                               emulate_precision_casts=emulate_precision_casts))}
+
+
+def _routing_plan_mismatches(compiled) -> int:  # noqa: ANN001
+    """Elements of the routing plan (300 tokens choosing 4 of 16 experts) where `compiled` differs from the eager plan."""
+    gen = torch.Generator().manual_seed(0)
+    choices = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(300)])
+    return sum(int((a != b).sum()) for a, b in zip(mlp_module.routing_plan.eager(choices, 16), compiled(choices, 16)))
 
 
 @pytest.mark.slow
@@ -369,6 +375,33 @@ def test_fused_regions_sensitivity_precision_casts_off(stage_report) -> None:
     """Sensitivity: compiled without keeping eager's bf16 roundings (inductor's default), the regions differ."""
     stage_report.expect_caught("fused regions without emulate_precision_casts",
                                _fused_region_metrics(emulate_precision_casts=False), FUSED_REGIONS_BF16)
+
+
+@pytest.mark.slow
+def test_routing_plan_sensitivity_counts_off_by_one(stage_report, monkeypatch) -> None:
+    """Sensitivity: the routing plan compiled with each expert's count cut on the wrong side of its boundary
+    (`searchsorted(right=True)`: the grouped GEMMs' offsets one expert off) differs from the eager plan."""
+    import torch._dynamo
+
+    from gemma4_support.fused import compile_region
+
+    searchsorted = torch.searchsorted
+
+    def right_of_boundary(sorted_sequence: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return searchsorted(sorted_sequence, values, right=True)
+
+    def off_by_one(*args):  # noqa: ANN002, ANN202
+        with monkeypatch.context() as m:
+            m.setattr(torch, "searchsorted", right_of_boundary)
+            return compile_region(mlp_module.routing_plan)(*args)
+
+    torch._dynamo.reset()  # a plan compiled earlier in this process must not be reused for the patched one
+    try:
+        broken = _routing_plan_mismatches(off_by_one)
+    finally:
+        torch._dynamo.reset()
+    gate = [g for g in FUSED_REGIONS_BF16 if g.metric == "routing_plan_mismatches"]
+    stage_report.expect_caught("sensitivity/routing_plan_counts_off_by_one", {"routing_plan_mismatches": broken}, gate)
 
 
 def test_packed_expert_weights_stay_the_parameters(pytestconfig) -> None:
