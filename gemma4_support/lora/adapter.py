@@ -178,6 +178,7 @@ class LoraAdapters(nn.Module):
             self.lora_A[key] = nn.Parameter(torch.stack([a for a, _ in pairs]).to(dtype))
             self.lora_B[key] = nn.Parameter(torch.stack([b for _, b in pairs]).to(dtype))
         self._handles: list = []
+        self._plans: dict[int, tuple[_Site, _FusedPlan | None]] = {}  # per attached site, see `_plan`
 
     def trained_names(self) -> list[str]:
         """PEFT names of the modules with their own tensors (aliases excluded)."""
@@ -196,12 +197,19 @@ class LoraAdapters(nn.Module):
     def expert_pairs(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [E, r, in], B [E, out, r]) of one member across experts, `names` in expert order: the packed tensors
         themselves when `names` are exactly their experts, else a stack of the pairs."""
-        key = self._slots[names[0]][0] if names[0] in self._slots else None
-        if key is not None and len(names) == len(self.lora_A[key]) and all(
-                self._slots.get(n) == (key, e) for e, n in enumerate(names)):
+        key = self.packed_key(names)
+        if key is not None:
             return self.lora_A[key], self.lora_B[key]
         pairs = [self.pair(n) for n in names]
         return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+    def packed_key(self, names: Sequence[str]) -> str | None:
+        """The key of the packed tensors whose experts are exactly `names`, in order (None if there is none)."""
+        key = self._slots[names[0]][0] if names[0] in self._slots else None
+        if key is not None and len(names) == len(self.lora_A[key]) and all(
+                self._slots.get(n) == (key, e) for e, n in enumerate(names)):
+            return key
+        return None
 
     def module_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """{"lora_A.<key>" / "lora_B.<key>": tensor} per trained module (key: its PEFT name with '/' for '.'), the
@@ -239,44 +247,75 @@ def _sites(spec: ModelSpec, config: LoraConfig) -> Iterator[_Site]:
         yield from _layer_modules(spec, layer, config)[1]
 
 
-def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The site's members as one LoRA pair in the fused layout: A [m·r, in] (the m adapted members' A, stacked) and
-    B [out, m·r] (member j's B in columns j·r.., its rows placed by the site's transform, zeros elsewhere), so that
-    (x Aᵀ) Bᵀ is every member's output placed as the weight table places its rows. With `stack` (one site per
-    routed expert, `site` the first) both gain a leading expert dimension: [E, m·r, in] and [E, out, m·r].
-    None when no member is adapted."""
+@dataclass
+class _FusedPlan:
+    """How one site's members fuse into one LoRA pair, worked out once per site (the adapted members, where each
+    member's rows go): per forward only the tensors are gathered. `rows` [out]: for each fused output row, its row in
+    the members' rows laid end to end (None: that order already); `where[j]`: member j's first row in that layout."""
+
+    site: _Site
+    members: list[tuple[int, str | list[str]]]  # (member position, its module name or, stacked, one per expert)
+    packed: list[str | None]  # stacked: the packed tensors' key holding exactly those experts (else None: stack them)
+    where: list[int]
+    out: int
+    rows: torch.Tensor | None
+
+
+def _plan(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None) -> _FusedPlan | None:
+    """The site's fusion plan (None when no member is adapted), cached on the adapters."""
+    known = adapters._plans.get(id(site))
+    if known is not None and known[0] is site:
+        return known[1]
     sites = stack or [site]
+    members = [(j, [s.members[j] for s in sites] if stack else name) for j, name in enumerate(site.members)
+               if name in adapters.modules_by_name]
+    widths = [adapters.widths[name] for name in site.members]
+    where = [sum(widths[:j]) for j in range(len(widths))]
+    rows = None
+    if site.combine is not None and members:  # the transform applied to row numbers: where each fused row comes from
+        numbered = [torch.arange(w0, w0 + w).view(w, 1) for w0, w in zip(where, widths)]
+        (fused,) = site.combine.to_megatron(numbered, adapters.spec, site.layer)
+        rows = None if torch.equal(fused.view(-1), torch.arange(sum(widths))) else fused.view(-1)
+    packed = [adapters.packed_key(names) if stack else None for _, names in members]
+    plan = _FusedPlan(site, members, packed, where, sum(widths), rows) if members else None
+    adapters._plans[id(site)] = (site, plan)  # the site kept alive with its plan: its id is not reused
+    return plan
 
-    def member(name: str, j: int) -> tuple[torch.Tensor, torch.Tensor]:  # member j's (A, B) of every site: [E, ., .]
-        if stack is None:
-            return tuple(t[None] for t in adapters.pair(name))
-        return adapters.expert_pairs([s.members[j] for s in sites])
 
-    pairs = {j: member(name, j) for j, name in enumerate(site.members) if name in adapters.modules_by_name}
-    if not pairs:
+def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None = None, *,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The site's members as one LoRA pair in the fused layout, in `dtype`: A [m·r, in] (the m adapted members' A,
+    stacked) and B [out, m·r] (member j's B in columns j·r.., its rows placed by the site's transform, zeros
+    elsewhere), so that (x Aᵀ) Bᵀ is every member's output placed as the weight table places its rows. With `stack`
+    (one site per routed expert, `site` the first) both gain a leading expert dimension: [E, m·r, in] and
+    [E, out, m·r]. None when no member is adapted."""
+    plan = _plan(adapters, site, stack)
+    if plan is None:
         return None
-    rank, experts, width = adapters.config.rank, len(sites), len(pairs) * adapters.config.rank
-    a = torch.cat([a for a, _ in pairs.values()], dim=1)  # [E, m·r, in]
-    rows = []  # per member [out_j, E·m·r]: output features as rows (the transform's unit), experts in the columns
-    for j, name in enumerate(site.members):
-        out_j = adapters.widths[name]
-        b = a.new_zeros(experts, out_j, width)
-        if j in pairs:
-            at = list(pairs).index(j) * rank
-            b = torch.cat([b[..., :at], pairs[j][1], b[..., at + rank:]], dim=2)
-        rows.append(b.transpose(0, 1).reshape(out_j, experts * width))
-    (fused,) = site.combine.to_megatron(rows, adapters.spec, site.layer) if site.combine else rows
-    b = fused.reshape(fused.shape[0], experts, width).transpose(0, 1).contiguous()  # [E, out, m·r]
+    pairs = [(adapters.lora_A[key], adapters.lora_B[key]) if key is not None else
+             adapters.expert_pairs(names) if stack else tuple(t[None] for t in adapters.pair(names))
+             for (_, names), key in zip(plan.members, plan.packed)]
+    if len(pairs) == 1 and plan.rows is None and len(plan.site.members) == 1:  # one member, rows as they are
+        a, b = (t.to(dtype) for t in pairs[0])
+    else:
+        rank = adapters.config.rank
+        a = torch.cat([a for a, _ in pairs], dim=1).to(dtype)  # [E, m·r, in]
+        b = a.new_zeros(a.shape[0], plan.out, len(pairs) * rank)
+        for i, ((j, _), (_, b_j)) in enumerate(zip(plan.members, pairs)):
+            b[:, plan.where[j]:plan.where[j] + b_j.shape[1], i * rank:(i + 1) * rank] = b_j
+        if plan.rows is not None:
+            if plan.rows.device != b.device:
+                plan.rows = plan.rows.to(b.device)
+            b = b.index_select(1, plan.rows)
     return (a, b) if stack else (a[0], b[0])
 
 
 def _combined(adapters: LoraAdapters, site: _Site, x: torch.Tensor) -> torch.Tensor | None:
     """The site's LoRA output [..., out] (None when no member is adapted)."""
-    pair = _fused_pair(adapters, site)
+    pair = _fused_pair(adapters, site, dtype=x.dtype)
     if pair is None:
         return None
-    a, b = (t.to(x.dtype) for t in pair)
+    a, b = pair
     return ((x @ a.t()) @ b.t()) * adapters.config.scaling
 
 
@@ -286,10 +325,10 @@ def _grouped_delta(adapters: LoraAdapters, sites: dict[str, list[_Site]]):  # no
 
     def delta(which: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         per_expert = sites[which]
-        pair = _fused_pair(adapters, per_expert[0], per_expert)
+        pair = _fused_pair(adapters, per_expert[0], per_expert, dtype=x.dtype)
         if pair is None:
             return x.new_zeros(x.shape[0], 0)
-        a, b = (t.to(x.dtype).transpose(-2, -1) for t in pair)  # [E, in, m·r], [E, m·r, out]
+        a, b = (t.transpose(-2, -1) for t in pair)  # [E, in, m·r], [E, m·r, out]
         mid = torch._grouped_mm(x, a, offs=offsets)
         return torch._grouped_mm(mid, b, offs=offsets) * adapters.config.scaling
 
@@ -348,6 +387,7 @@ def detach_lora(adapters: LoraAdapters) -> None:
     for handle in adapters._handles:
         handle.remove()
     adapters._handles.clear()
+    adapters._plans.clear()
 
 
 def _hook(adapters: LoraAdapters, site: _Site):  # noqa: ANN202
