@@ -75,11 +75,11 @@ def main() -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--chunks", default="1024,2048,4096,8192")
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--step", default="train", choices=("train", "score", "lora_train"),
-                    help="the train step, the scoring forward, or the LoRA r16 step (base frozen)")
+    ap.add_argument("--step", default="train", choices=("train", "score", "lora_train", "score_lora"),
+                    help="the train step, the scoring forward, the LoRA r16 step (base frozen), or scoring with it")
     ap.add_argument("--host-calls", type=int, default=0, help="also profile the host side of this many calls")
     ap.add_argument("--lora-targets", default="all", choices=("all", "peft"),
-                    help="lora_train: every projection and expert, or PEFT's (q/k/v/o + dense MLP)")
+                    help="LoRA steps: every projection and expert, or PEFT's (q/k/v/o + dense MLP)")
     args = ap.parse_args()
     device = "cpu" if args.small else "cuda"
     tokens = 256 if args.small else 8192
@@ -90,14 +90,14 @@ def main() -> int:
     model = megatron_model(spec, random_state(cfg, dtype, device, 0), dtype, device, "dense" if args.small else "auto")
     row = packed_documents(tokens, 2, spec.vocab_size, 0)  # on the host, as the benchmark's steps take it
     params = list(model.parameters())
-    if args.step == "lora_train":
+    if args.step in ("lora_train", "score_lora"):
         params = list(attach_lora(model, lora_r16(args.lora_targets)).parameters())
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tokens": tokens,
                     "chunk_tokens": {}}
     def step(chunk: int):  # noqa: ANN202
-        return score_step(model, row, chunk) if args.step == "score" else train_step(model, row, params, chunk)
+        return score_step(model, row, chunk) if args.step.startswith("score") else train_step(model, row, params, chunk)
 
-    result["step"] = args.step if args.step != "lora_train" else f"lora_train ({args.lora_targets} targets)"
+    result["step"] = f"{args.step} ({args.lora_targets} targets)" if "lora" in args.step else args.step
     for chunk in [int(c) for c in args.chunks.split(",")]:
         rec, _ = timed(step(chunk), device, warmup=1, reps=3)
         result["chunk_tokens"][chunk] = {"seconds": rec["seconds"], "tok_per_s": tokens / rec["seconds"],
