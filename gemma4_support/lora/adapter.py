@@ -178,7 +178,7 @@ class LoraAdapters(nn.Module):
             self.lora_A[key] = nn.Parameter(torch.stack([a for a, _ in pairs]).to(dtype))
             self.lora_B[key] = nn.Parameter(torch.stack([b for _, b in pairs]).to(dtype))
         self._handles: list = []
-        self._plans: dict[int, tuple[_Site, _FusedPlan | None]] = {}  # per attached site, see `_plan`
+        self._plans: dict[tuple[int, bool], tuple[_Site, _FusedPlan | None]] = {}  # per attached site, see `_plan`
 
     def trained_names(self) -> list[str]:
         """PEFT names of the modules with their own tensors (aliases excluded)."""
@@ -263,7 +263,8 @@ class _FusedPlan:
 
 def _plan(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None) -> _FusedPlan | None:
     """The site's fusion plan (None when no member is adapted), cached on the adapters."""
-    known = adapters._plans.get(id(site))
+    key = (id(site), stack is not None)  # a site alone or heading its experts' stack
+    known = adapters._plans.get(key)
     if known is not None and known[0] is site:
         return known[1]
     sites = stack or [site]
@@ -278,7 +279,7 @@ def _plan(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None) -> _Fu
         rows = None if torch.equal(fused.view(-1), torch.arange(sum(widths))) else fused.view(-1)
     packed = [adapters.packed_key(names) if stack else None for _, names in members]
     plan = _FusedPlan(site, members, packed, where, sum(widths), rows) if members else None
-    adapters._plans[id(site)] = (site, plan)  # the site kept alive with its plan: its id is not reused
+    adapters._plans[key] = (site, plan)  # the site kept alive with its plan: its id is not reused
     return plan
 
 
