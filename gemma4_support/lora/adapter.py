@@ -253,7 +253,6 @@ class _FusedPlan:
     member's rows go): per forward only the tensors are gathered. `rows` [out]: for each fused output row, its row in
     the members' rows laid end to end (None: that order already); `where[j]`: member j's first row in that layout."""
 
-    site: _Site
     members: list[tuple[int, str | list[str]]]  # (member position, its module name or, stacked, one per expert)
     packed: list[str | None]  # stacked: the packed tensors' key holding exactly those experts (else None: stack them)
     where: list[int]
@@ -278,7 +277,7 @@ def _plan(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None) -> _Fu
         (fused,) = site.combine.to_megatron(numbered, adapters.spec, site.layer)
         rows = None if torch.equal(fused.view(-1), torch.arange(sum(widths))) else fused.view(-1)
     packed = [adapters.packed_key(names) if stack else None for _, names in members]
-    plan = _FusedPlan(site, members, packed, where, sum(widths), rows) if members else None
+    plan = _FusedPlan(members, packed, where, sum(widths), rows) if members else None
     adapters._plans[key] = (site, plan)  # the site kept alive with its plan: its id is not reused
     return plan
 
@@ -296,7 +295,7 @@ def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None =
     pairs = [(adapters.lora_A[key], adapters.lora_B[key]) if key is not None else
              adapters.expert_pairs(names) if stack else tuple(t[None] for t in adapters.pair(names))
              for (_, names), key in zip(plan.members, plan.packed)]
-    if len(pairs) == 1 and plan.rows is None and len(plan.site.members) == 1:  # one member, rows as they are
+    if len(pairs) == 1 and plan.rows is None and len(site.members) == 1:  # one member, rows as they are
         a, b = (t.to(dtype) for t in pairs[0])
     else:
         rank = adapters.config.rank
