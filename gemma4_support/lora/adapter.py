@@ -200,6 +200,10 @@ class LoraAdapters(nn.Module):
         key = self.packed_key(names)
         if key is not None:
             return self.lora_A[key], self.lora_B[key]
+        return self.stacked_pairs(names)
+
+    def stacked_pairs(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r]) of one member across experts, stacked from each expert's pair."""
         pairs = [self.pair(n) for n in names]
         return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
@@ -293,7 +297,7 @@ def _fused_pair(adapters: LoraAdapters, site: _Site, stack: list[_Site] | None =
     if plan is None:
         return None
     pairs = [(adapters.lora_A[key], adapters.lora_B[key]) if key is not None else
-             adapters.expert_pairs(names) if stack else tuple(t[None] for t in adapters.pair(names))
+             adapters.stacked_pairs(names) if stack else tuple(t[None] for t in adapters.pair(names))
              for (_, names), key in zip(plan.members, plan.packed)]
     if len(pairs) == 1 and plan.rows is None and len(site.members) == 1:  # one member, rows as they are
         a, b = (t.to(dtype) for t in pairs[0])
