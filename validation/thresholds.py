@@ -80,7 +80,11 @@ FUSED_REGIONS_BF16 = (
     Gate("rms_norm_max_abs", "==", 0.0),
     Gate("rope_max_abs", "==", 0.0),
     Gate("weighted_sum_max_abs", "==", 0.0),
-    Gate("gated_activation_max_abs", "==", 0.0),
+    # GELU-tanh's 1 + tanh cancels for inputs below about -3: there Inductor's vectorised fp32 tanh and ATen's may
+    # differ by a unit, which moves outputs of |y| < 3e-4 (values up to ~100) by one bf16 unit. Bit-equal on earlier CI
+    # machines; on AVX512-bf16/AMX ones measured <= 1.1e-6 in 5-11 of 12,288 elements over 6 draws; without the
+    # casts 0.125
+    Gate("gated_activation_max_abs", "<=", 1e-5),
     # the backward's GELU derivative is inductor's own formula (fp32 inside, as eager's): measured 1.5e-5 on the CPU,
     # one bf16 unit in the last place at |grad| ~ 3e-3 (values up to ~10); without the casts 6e-2
     Gate("gated_activation_grad_max_abs", "<=", 1e-4),
