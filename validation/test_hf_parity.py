@@ -378,6 +378,20 @@ def test_fused_regions_sensitivity_precision_casts_off(stage_report) -> None:
 
 
 @pytest.mark.slow
+def test_gated_activation_sensitivity_erf_gelu(stage_report) -> None:
+    """Sensitivity: the gated activation compiled with the erf GELU in place of Gemma 4's tanh approximation differs
+    from its eager body by more than the GELU-tanh gate's one-unit allowance."""
+    from gemma4_support.fused import compile_region
+
+    mid = torch.randn(64, 1, 192, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    eager = mlp_module.gated_activation.eager(mid, functools.partial(torch.nn.functional.gelu, approximate="tanh"))
+    broken = compile_region(mlp_module.gated_activation)(mid, torch.nn.functional.gelu)
+    gate = [g for g in FUSED_REGIONS_BF16 if g.metric == "gated_activation_max_abs"]
+    stage_report.expect_caught("sensitivity/gated_activation_erf_gelu",
+                               {"gated_activation_max_abs": tensor_diff(eager, broken)["max_abs"]}, gate)
+
+
+@pytest.mark.slow
 def test_routing_plan_sensitivity_counts_off_by_one(stage_report, monkeypatch) -> None:
     """Sensitivity: the routing plan compiled with each expert's count cut on the wrong side of its boundary
     (`searchsorted(right=True)`: the grouped GEMMs' offsets one expert off) differs from the eager plan."""
