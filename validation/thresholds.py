@@ -323,9 +323,10 @@ THROUGHPUT_RATIO = (Gate("trainer_train_ratio_vs_hf", ">=", THROUGHPUT_TRAIN_RAT
 # What every run must show, on any device: every measurement ran (none raised or ran out of memory) with a positive
 # tok/s, and both sides computed the same loss on the same weights and tokens (relative difference). fp32: equal up
 # to summation order, measured 7.6e-8 on the CPU tier, where the two documents run together as one (positions not
-# restarting) measure 1.2e-3. bf16: the two sides' kernels round differently; 1 % is a first bound that still sees a
-# loss over the wrong tokens or labels (not yet measured on a GPU: tighten it to the measured value with margin).
-THROUGHPUT_LOSS_REL = {"float32": 1e-4, "bfloat16": 1e-2}
+# restarting) measure 1.2e-3. bf16: the two sides' kernels round differently; measured on the GPU at the 26B-A4B cut
+# (random weights, loss ~15.1) 3.8e-4 to 6.3e-4 over 19 runs (H100 and H200, reports/baselines/throughput_h*.json
+# and stage_throughput_gpu_pytest_h100*.json): bound 2e-3, three times the largest (it was 1e-2 before a GPU ran it).
+THROUGHPUT_LOSS_REL = {"float32": 1e-4, "bfloat16": 2e-3}
 # MFU's numerator, checked on the fixture: the attention term's keys per query equal the mask predicate's allowed
 # pairs per token (sliding, global, a window longer than the document), and the matmul terms equal twice the weights a
 # token passes through in HF's model (routed experts scaled by top-k / experts). Both are exact counts; the
