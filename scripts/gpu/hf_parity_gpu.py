@@ -123,6 +123,7 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
     batches = {lay: random_row((seq,) if lay == "single" else packed_lengths(seq, spec.sliding_window),
                                spec.vocab_size, seed, pad_id=spec.pad_token_id).to(device) for lay in layouts}
     for layout, batch in batches.items():  # ---- fp32
+        _reset_peak(device)
         t0 = time.time()
         ref, fwd, bwd = fp32_case(hf_model, batch, device)
         gates = fp32_gates(fwd, spec.moe is not None, True)
@@ -132,6 +133,7 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
         refs[layout] = ref
     cast_hf_(hf_model, torch.bfloat16)
     for layout, batch in batches.items():  # ---- bf16
+        _reset_peak(device)
         t0 = time.time()
         m = bf16_case(hf_model, refs.pop(layout), batch, device)
         rows.append(_row(name, "bf16", layout, batch, m, hf_parity_forward_bf16(
@@ -139,14 +141,21 @@ def run_case(name: str, hf_model: torch.nn.Module, seq: int, layouts: list[str],
     return rows
 
 
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _row(name, dtype, layout, batch, metrics, gates, t0: float) -> dict:
     results = evaluate({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, gates)
     seconds = time.time() - t0
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if batch.input_ids.is_cuda else None
     failed = "; ".join(r.describe() for r in results if not r.passed)
-    print(f"  {name} {dtype} {layout}: {'PASS' if not failed else 'FAIL ' + failed} ({seconds:.1f} s)", flush=True)
+    print(f"  {name} {dtype} {layout}: {'PASS' if not failed else 'FAIL ' + failed} ({seconds:.1f} s, "
+          f"peak {peak} GiB)", flush=True)
     return {"case": name, "dtype": dtype, "layout": layout, "seq": batch.length,
             "doc_lengths": batch.document_lengths(), "metrics": metrics, "gates": [r.to_dict() for r in results],
-            "passed": all(r.passed for r in results), "seconds": round(seconds, 2)}
+            "passed": all(r.passed for r in results), "seconds": round(seconds, 2), "peak_gib": peak}
 
 
 def markdown(rows: list[dict]) -> str:
