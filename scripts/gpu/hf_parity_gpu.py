@@ -84,15 +84,20 @@ FP64_GRADS = True  # --no-fp64-grads: the fp64 run forward only (its backward do
 def fp32_case(hf_model: torch.nn.Module, batch, device: str):
     """One fp32 training step on each side (Megatron replays HF's routing), then the same HF model cast to fp64 (an
     exact cast) with HF fp32's routing imposed: (ref, forward metrics, backward metrics). Without fp64 gradients,
-    every gradient is held to the rel-L2 gate against HF fp32 (the gate as it was before the fp64 split)."""
+    every gradient is held to the rel-L2 gate against HF fp32 (the gate as it was before the fp64 split). The HF
+    model waits in host memory during Megatron's step (moves are exact), so the 26B-A4B cut's peak is one fp32 model
+    with its gradients, or the fp64 model's forward: 37.2 GiB of parameters (5.0 B) before activations."""
     ref = hf_side(hf_model, batch, backward=True)
     ref.grads = to_cpu(ref.grads)
     hf_model.zero_grad(set_to_none=True)
+    hf_model.to("cpu")  # host memory while Megatron's side runs: one fp32 model and its gradients on the card at a time
+    _free(device)
     model = megatron_from(hf_model, torch.float32, device, ATTENTION)
     cand = megatron_side(model, batch, backward=True, replay=ref.routing)
     cand.grads = to_cpu(cand.grads)
     del model
     _free(device)
+    hf_model.to(device)
     cast_hf_(hf_model, torch.float64)
     truth = hf_side(hf_model, batch, backward=FP64_GRADS, replay=ref.routing)
     truth.grads = to_cpu(truth.grads) if FP64_GRADS else None
