@@ -211,6 +211,7 @@ def full_depth_lora(args: argparse.Namespace, device: str) -> tuple[dict, str]:
 
 
 def main() -> int:
+    """Run the chosen mode, write its JSON and markdown into --out and print the table; 0."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny widths, fp32, dense attention")

@@ -46,6 +46,7 @@ class _RunCollector:
         return status[0] if status else ""
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Fold one phase's report into its test's entry: duration, records, outcome, failure text."""
         entry = self.tests.setdefault(report.nodeid, {
             "nodeid": report.nodeid, "stage": stage_of(report.keywords), "outcome": "interrupted", "finished": False,
             "counted": [], "duration_s": 0.0, "records": [], "longrepr": None, "transient": None,
@@ -64,15 +65,18 @@ class _RunCollector:
         entry["outcome"] = outcome_of(entry["counted"], entry["finished"])
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        """Note a collection error, or count a skipped collection."""
         if report.failed:
             self.collection_errors.append({"nodeid": report.nodeid, "longrepr": str(report.longrepr)[-4000:]})
         elif report.skipped:
             self.collection_skipped += self._category(report) == "skipped"
 
     def pytest_internalerror(self, excrepr: object) -> None:
+        """Note a pytest internal error (its last line)."""
         self.internal_errors.append(str(excrepr).strip().splitlines()[-1][:500] if str(excrepr).strip() else "?")
 
     def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo) -> None:
+        """Note what interrupted the run."""
         self.interrupted = " ".join(str(excinfo.value).split()) or excinfo.typename
 
     def _run_state(self, session: pytest.Session, exitstatus: int) -> tuple[str, str | None]:
@@ -96,6 +100,7 @@ class _RunCollector:
         return "complete", None
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Write the run's reports with its real verdict, and finish the run folder or mark it INCOMPLETE."""
         with _signals_held() as held:
             state, reason = self._run_state(session, exitstatus)
             provenance = self._provenance()
@@ -166,7 +171,8 @@ class _RunCollector:
         write_json(self.run / "summary.json", summary)
         write_atomic(self.run / "index.html", render_run(summary, tests))
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        """Print where the run's reports are and whether the run completed."""
         terminalreporter.write_line(f"gemma4-support reports: {self.run} ({self.outcome})")
 
 

@@ -2,6 +2,7 @@
 `fixtures.factory`; tests get checkpoints through these fixtures or `fixture_dir`)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def chat_template(pytestconfig: pytest.Config, gemma4_model_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_thread():  # noqa: ANN201
+def one_thread() -> Iterator[None]:
     """Run a module on one intra-op thread, as the multi-process (CP, TP) workers do."""
     import torch
 

@@ -37,6 +37,7 @@ MAX_MODEL_LEN = 4096
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the vLLM server options (--vllm-url, --vllm-startup-timeout)."""
     group = parser.getgroup("gemma4-vllm", "gemma4-support vLLM server")
     group.addoption("--vllm-url", default=None, metavar="URL",
                     help="attach to this running vLLM OpenAI server instead of starting one (env GEMMA4_VLLM_URL)")

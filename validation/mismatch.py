@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,11 @@ from gemma4_support.rl.collapse import collapse_trajectories
 from gemma4_support.rl.rows import group_by_prompt, pack_sequences
 from gemma4_support.rl.trajectory import SampledChoice, Trajectory, read_choice
 from gemma4_support.serving.wire import choice_top_logprobs, prompt_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from gemma4_support.serving.client import VLLMClient
 
 TOP_K = 20
 _WORDS = ("river stone lantern orbit meadow copper signal harbor violet engine quiet summit paper thunder "
@@ -51,7 +57,7 @@ class Scores:
     top_logprobs: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def sample(client, model: str, conversations: list[list[dict]], *, n: int, max_tokens: int, min_tokens: int,  # noqa: ANN001
+def sample(client: VLLMClient, model: str, conversations: list[list[dict]], *, n: int, max_tokens: int, min_tokens: int,
            temperature: float, seed: int) -> list[Sample]:
     """GRPO groups from vLLM: `n` completions per conversation with sampled-token and top-k log-probs."""
     out = []
@@ -68,7 +74,7 @@ def sample(client, model: str, conversations: list[list[dict]], *, n: int, max_t
     return out
 
 
-def rescore(client, model: str, samples: list[Sample]) -> Scores:  # noqa: ANN001
+def rescore(client: VLLMClient, model: str, samples: list[Sample]) -> Scores:
     """vLLM's own re-scoring of the sampled sequences (prompt_logprobs over prompt + completion)."""
     out = Scores([])
     for s, smp in enumerate(samples):
@@ -154,7 +160,7 @@ def routes_from_hf(hf_model: torch.nn.Module, samples: list[Sample]) -> list[np.
     return out
 
 
-def rerendered(samples: list[Sample], tokenizer, template: str) -> list[Sample]:  # noqa: ANN001
+def rerendered(samples: list[Sample], tokenizer: PreTrainedTokenizerBase, template: str) -> list[Sample]:
     """Sensitivity: each sample rebuilt from text (the local render of its messages + the re-encoded completion text),
     vLLM's log-probs laid on by position: what a stack that re-tokenizes instead of keeping vLLM's ids trains on."""
     from gemma4_support.chat.template import render_prompt

@@ -82,6 +82,7 @@ class _SuiteOptionValues:
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_load_initial_conftests(self, early_config: pytest.Config) -> Iterator[None]:
+        """Restart once with `--opt=PATH` where a suite option's PATH was parsed as a test path (or a usage error)."""
         restarted = os.environ.pop(_RESTARTED, None)
         raw = list(early_config.invocation_params.args)
         fixed = join_option_values(raw, early_config.known_args_namespace.file_or_dir or [])

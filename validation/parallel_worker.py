@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from validation.cp_worker import host, launch, start_rank
+
+if TYPE_CHECKING:
+    from gemma4_support.model.model import Gemma4Model
+    from gemma4_support.packing import PackedRow
 
 BROKEN_VARIANTS = {
     "kv_split_head_dim": "K=V layers' linear_qkv split along the head-dim axis instead of between whole kv groups",
@@ -51,7 +56,7 @@ def parallel_launch(job: dict, timeout_s: float = 300.0, torchrun: list[str] | N
                   torchrun=torchrun)
 
 
-def probe(model, row) -> dict:  # noqa: ANN001
+def probe(model: Gemma4Model, row: PackedRow) -> dict:
     """One process's reference: the row's logits and every gradient (HF names) of the probe loss."""
     from gemma4_support.convert.checkpoint import megatron_to_hf
 

@@ -42,6 +42,8 @@ from validation.signals import _install_interrupts, _is_worker, _restore_interru
 from validation.stages import EXTRA_MARKERS, STAGES, transient_start_failure
 
 if TYPE_CHECKING:
+    from xdist.workermanage import WorkerController
+
     from gemma4_support.metrics import Gate, GateResult
 
 _RUN_DIR = pytest.StashKey[Path]()
@@ -55,6 +57,7 @@ WARNING_FILTERS = (
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the suite's command-line options."""
     add_options(parser)
 
 
@@ -63,6 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the stage markers and warning filters; set up the run folder, its report collector and interrupts."""
     for stage in STAGES:
         config.addinivalue_line("markers", f"{stage.marker}: {stage.description}")
     for name, text in EXTRA_MARKERS.items():
@@ -100,6 +104,7 @@ def _share_cores(workers: int) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """Put back the SIGINT / SIGTERM handlers the run replaced."""
     _restore_interrupts(config)
 
 
@@ -117,11 +122,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:  # pytest-xdist: hand the run folder to each worker
+def pytest_configure_node(node: WorkerController) -> None:  # pytest-xdist: hand the run folder to each worker
+    """Hand this run's report folder to an xdist worker."""
     node.workerinput["gemma4_run_dir"] = str(node.config.stash[_RUN_DIR])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the tests for xdist (groups kept, longest modules first); skip gpu-marked tests without CUDA."""
     _restore_xdist_groups(config, items)
     _longest_first(items)
     gpu_items = [item for item in items if "gpu" in item.keywords]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gemma4_support.errors import ServerError
 from gemma4_support.lora import LoraAdapters, save_adapter, save_merged
+from gemma4_support.serving.client import VLLMClient
 from gemma4_support.serving.vllm_server import VLLMServer, served_models
 
 Check = Callable[[object], float]
@@ -47,7 +48,7 @@ class LoraPublisher:
         self.served: str | None = None
         self.mode = "native-lora"
 
-    def client(self):  # noqa: ANN201 - a VLLMClient
+    def client(self) -> VLLMClient:
         """A client whose requests reach the served adapter."""
         client = self.server.client()
         client.model = self.served or client.model
@@ -87,7 +88,7 @@ class MergedPublisher:
         self.served: str | None = None
         self.mode = "reload"  # until a reload is seen to be unfaithful
 
-    def client(self):  # noqa: ANN201 - a VLLMClient
+    def client(self) -> VLLMClient:
         """A client whose requests reach the served weights (the server's listed model)."""
         return self.server.client()
 

@@ -25,9 +25,10 @@ from gemma4_support.logprobs import score_row
 from gemma4_support.model.build import load_model
 from gemma4_support.rl.trajectory import read_choice
 from gemma4_support.runtime import get_runtime
+from gemma4_support.serving.client import VLLMClient
 from gemma4_support.serving.wire import prompt_logprobs
 from validation import mismatch as M
-from validation.publish import LoraPublisher, MergedPublisher
+from validation.publish import LoraPublisher, MergedPublisher, Publication
 
 BASE_NAME = "gemma4-length"
 _LEAKS = re.compile(r"\d|token|length|long|short|word|count|brief|concise|limit", re.I)
@@ -120,7 +121,7 @@ class LengthLoop:
         self.first_params: dict[str, torch.Tensor] | None = None
         self.first_batch: list | None = None
 
-    def publish(self, step: int):  # noqa: ANN201 - a Publication
+    def publish(self, step: int) -> Publication | None:
         """Publish the adapter as `<base>@<step>` (unless the run never reloads: then the old id stays)."""
         if step > 0 and not self.cfg.reload:
             return None
@@ -128,7 +129,7 @@ class LengthLoop:
         self.served = pub.name
         return pub
 
-    def served_gap(self, client=None) -> float:  # noqa: ANN001
+    def served_gap(self, client: VLLMClient | None = None) -> float:
         """Max |Δ log-prob| over the probe's completion tokens: the policy `client` reaches (default: the
         publisher's) against the trainer's."""
         client = client or self.publisher.client()
@@ -173,6 +174,7 @@ class LengthLoop:
         return float(loss.detach()), float(ratio.mean())
 
     def step(self, k: int) -> StepRecord:
+        """One RL step: rollouts, an update on their length rewards, publish as step `k + 1`; what it measured."""
         start = time.perf_counter()
         served = self.served
         samples = self.rollouts()

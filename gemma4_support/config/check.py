@@ -64,13 +64,16 @@ class _Fields:
         self.problems: list[ConfigError] = []
 
     def add(self, problem: str, fix: str) -> None:
+        """Record one problem with its fix."""
         self.problems.append(ConfigError(problem, fix))
 
     def name(self, *path: str) -> str:
+        """The field's display name: the prefix, then the key path (later keys as subscripts)."""
         return self.prefix + path[0] + "".join(f"[{p!r}]" for p in path[1:])
 
     def integer(self, key: str, *, default: int | None = None, nullable: bool = False, lo: int | None = None,
                 hi: int | None = None, obj: dict | None = None, path: tuple = ()) -> int | None:
+        """An in-range integer field, or its default when absent (None, with a problem recorded, when ill-typed)."""
         obj = self.cfg if obj is None else obj
         if key not in obj or (obj[key] is None and nullable):
             return default
@@ -87,6 +90,7 @@ class _Fields:
 
     def number(self, key: str, *, above: float, upto: float | None = None, closed: bool = False,
                nullable: bool = False, obj: dict | None = None, path: tuple = ()) -> float | None:
+        """A finite in-range number field as a float (None when absent, or ill-typed with a problem recorded)."""
         obj = self.cfg if obj is None else obj
         if key not in obj or (obj[key] is None and nullable):
             return None
@@ -101,18 +105,21 @@ class _Fields:
         return None
 
     def boolean(self, key: str) -> bool:
+        """Whether a true/false field is true (a non-boolean value records a problem)."""
         value = self.cfg.get(key)
         if value is not None and not isinstance(value, bool):
             self.add(f"{self.name(key)}={_show(value)} is not true/false", f"set {self.name(key)} to true or false")
         return value is True
 
     def string(self, key: str) -> None:
+        """Record a problem when a field, if present, is not a string."""
         value = self.cfg.get(key)
         if value is not None and not isinstance(value, str):
             self.add(f"{self.name(key)}={_show(value)} is not a name",
                      f"set {self.name(key)} to a string (see HF Gemma4TextConfig)")
 
     def dtype(self) -> None:
+        """Record a problem when dtype or torch_dtype, if present, is not a floating-point dtype name."""
         for key in ("dtype", "torch_dtype"):
             value = self.cfg.get(key)
             if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in FLOAT_DTYPES):

@@ -346,6 +346,7 @@ class _Unset:
         self.module, self.attr = module, attr
 
     def remove(self) -> None:
+        """Unset the attribute (detach the experts' LoRA)."""
         setattr(self.module, self.attr, None)
 
 

@@ -24,6 +24,7 @@ from gemma4_support.lora import LoraConfig, attach_lora, detach_lora  # noqa: E4
 from gemma4_support.metrics import named_tensor_metrics, tensor_diff  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.model.mlp import Gemma4MoE, set_expert_path  # noqa: E402
+from gemma4_support.model.model import Gemma4Model  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import timed  # noqa: E402
 
@@ -47,7 +48,9 @@ def moe_block(small: bool, dtype: torch.dtype, device: str) -> Gemma4MoE:
     return model, block
 
 
-def run(model, block, x: torch.Tensor, path: str, lora: bool) -> tuple[torch.Tensor, dict, dict]:
+def run(model: Gemma4Model, block: Gemma4MoE, x: torch.Tensor, path: str,
+        lora: bool) -> tuple[torch.Tensor, dict, dict]:
+    """The block's output, its gradients (parameters and input) and, with LoRA, the adapters' gradients on `path`."""
     set_expert_path(model, path)
     model.zero_grad(set_to_none=True)
     adapters = attach_lora(model, LoraConfig(rank=16, init="random", b_std=0.01), freeze_base=False) if lora else None
@@ -63,6 +66,7 @@ def run(model, block, x: torch.Tensor, path: str, lora: bool) -> tuple[torch.Ten
 
 
 def agreement(small: bool, dtype: torch.dtype, device: str, tokens: int) -> dict:
+    """Grouped against sequential in `dtype`, with and without LoRA: output and gradient differences."""
     model, block = moe_block(small, dtype, device)
     x = torch.randn(tokens, 1, model.spec.hidden_size, device=device, dtype=dtype,
                     generator=torch.Generator(device=device).manual_seed(1))
@@ -78,6 +82,7 @@ def agreement(small: bool, dtype: torch.dtype, device: str, tokens: int) -> dict
 
 
 def timing(small: bool, device: str, tokens: int, reps: int = 5) -> dict:
+    """Seconds and tokens/s of the bf16 block's forward + backward on each path, and the grouped speedup."""
     model, block = moe_block(small, torch.bfloat16, device)
     x = torch.randn(tokens, 1, model.spec.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
     out = {}
@@ -94,6 +99,7 @@ def timing(small: bool, device: str, tokens: int, reps: int = 5) -> dict:
 
 
 def main() -> int:
+    """Measure both dtypes' agreement and the bf16 timing, write expert_paths.json into --out and print it; 0."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--small", action="store_true")

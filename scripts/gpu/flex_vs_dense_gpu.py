@@ -27,11 +27,12 @@ from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.convert.checkpoint import TensorDict, load_hf_weights  # noqa: E402
 from gemma4_support.metrics import named_tensor_metrics, tensor_diff  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
+from gemma4_support.packing import PackedRow  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.parity import packed_lengths, random_row, row_loss  # noqa: E402
 
 
-def step(model: torch.nn.Module, batch, backward: bool) -> tuple[torch.Tensor, dict, float]:
+def step(model: torch.nn.Module, batch: PackedRow, backward: bool) -> tuple[torch.Tensor, dict, float]:
     """One forward (+ backward) of the packed row: logits, grads by name, seconds (after one warm-up)."""
     def once():
         model.zero_grad(set_to_none=True)
@@ -85,6 +86,7 @@ def run(name: str, hf_model: torch.nn.Module, seq: int, dtype: torch.dtype, devi
 
 
 def main() -> int:
+    """Dense vs flex on the MoE fixture and the 26B-A4B cut, fp32 and bf16; writes flex_vs_dense_gpu.json; 0."""
     from hf_parity_gpu import cut_26b_config, random_hf_model
 
     from validation.parity import load_hf_reference

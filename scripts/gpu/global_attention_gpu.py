@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -30,6 +32,9 @@ from gemma4_support.attention.masks import packing_dense_mask  # noqa: E402
 from gemma4_support.metrics import tensor_diff  # noqa: E402
 from gemma4_support.packing import PackedRow  # noqa: E402
 from validation.throughput import timed  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 FLEX_TILES = {  # kernel_options tried for head dim 512 (forward BLOCK_M/N; backward M1/N1/M2/N2)
     "flex_t32": {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4,
@@ -56,7 +61,8 @@ def row_of(tokens: int, documents: int, device: str) -> PackedRow:
     return PackedRow(pos.to(device), doc.to(device))
 
 
-def sdpa(backend: SDPBackend | None, expand: bool):  # noqa: ANN201
+def sdpa(backend: SDPBackend | None,
+         expand: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """SDPA with the boolean mask, scale 1.0 (a forced backend, or torch's choice)."""
     def attend(q, k, v, mask):  # noqa: ANN001, ANN202
         groups = q.shape[1] // k.shape[1]
@@ -70,7 +76,8 @@ def sdpa(backend: SDPBackend | None, expand: bool):  # noqa: ANN201
     return attend
 
 
-def flex(options: dict):  # noqa: ANN201
+def flex(options: dict) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockMask], torch.Tensor]:
+    """Compiled flex_attention with a BlockMask and these kernel options (tiles), scale 1.0, GQA when needed."""
     from torch.nn.attention.flex_attention import flex_attention
 
     compiled = torch.compile(flex_attention)
@@ -82,6 +89,7 @@ def flex(options: dict):  # noqa: ANN201
 
 
 def main() -> None:
+    """Time every candidate and its distance from fp32 dense attention; writes global_attention_gpu.json into --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--small", action="store_true", help="CPU smoke shapes")

@@ -34,10 +34,11 @@ import torch  # noqa: E402
 
 from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.metrics import evaluate  # noqa: E402
+from gemma4_support.packing import PackedRow  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.hf_checkpoints import random_hf_model  # noqa: E402,F401 - also scripts/gpu/flex_vs_dense_gpu.py's
 from validation.parity import (  # noqa: E402
-    backward_metrics, forward_metrics, fp32_floor_metrics, fp32_gates, hf_side, load_hf_reference,
+    SideResult, backward_metrics, forward_metrics, fp32_floor_metrics, fp32_gates, hf_side, load_hf_reference,
     low_precision_metrics, megatron_side, packed_lengths, random_row,
 )
 from validation.throughput import cut_config, megatron_from  # noqa: E402
@@ -81,7 +82,8 @@ def _free(device: str) -> None:
 FP64_GRADS = True  # --no-fp64-grads: the fp64 run forward only (its backward does not fit at 26B-A4B shapes on one H200)
 
 
-def fp32_case(hf_model: torch.nn.Module, batch, device: str):
+def fp32_case(hf_model: torch.nn.Module, batch: PackedRow,
+              device: str) -> tuple[SideResult, dict[str, float], dict[str, object]]:
     """One fp32 training step on each side (Megatron replays HF's routing), then the same HF model cast to fp64 (an
     exact cast) with HF fp32's routing imposed: (ref, forward metrics, backward metrics). Without fp64 gradients,
     every gradient is held to the rel-L2 gate against HF fp32 (the gate as it was before the fp64 split). The HF
@@ -110,7 +112,7 @@ def fp32_case(hf_model: torch.nn.Module, batch, device: str):
     return ref, fwd, bwd
 
 
-def bf16_case(hf_model: torch.nn.Module, ref, batch, device: str) -> dict[str, float]:
+def bf16_case(hf_model: torch.nn.Module, ref: SideResult, batch: PackedRow, device: str) -> dict[str, float]:
     """HF bf16 (the same model cast) and Megatron bf16, both with the fp32 run's routing imposed, against `ref`."""
     with torch.no_grad():
         hf = hf_side(hf_model, batch, backward=False, replay=ref.routing)
@@ -192,6 +194,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    """Run every case and layout, print the tables, write the JSON and markdown; 0 if every row passed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".", help="directory for hf_parity_gpu.json / .md")
     parser.add_argument("--seq", type=int, default=4096)

@@ -37,6 +37,7 @@ SMALL_ROW = [(64, [48] * 4), (64, [48] * 4), 64]  # 576 tokens
 
 
 def main() -> int:
+    """Time one LoRA GRPO-clip step on the cut, check only the adapters trained, write and print the JSON; 0."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--small", action="store_true")

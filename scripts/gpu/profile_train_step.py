@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -29,7 +30,7 @@ from validation.throughput import (cut_config, host_syncs, lora_r16, megatron_mo
                                    random_state, score_step, sync, timed, train_step)
 
 
-def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float]:
+def top_ops(step: Callable[[], object], count: int, prefix: str = "aten::") -> tuple[list[dict], float]:
     """The `count` operators with the most self CUDA time in one profiled step, grouped by input shapes, and the
     step's summed kernel time in ms."""
     from torch.profiler import ProfilerActivity, profile
@@ -46,7 +47,8 @@ def top_ops(step, count: int, prefix: str = "aten::") -> tuple[list[dict], float
     return sorted(rows, key=lambda r: -r["ms"])[:count], busy / 1e3
 
 
-def host_functions(step, calls: int, count: int, device: str) -> tuple[dict[str, list[dict]], float]:
+def host_functions(step: Callable[[], object], calls: int, count: int,
+                   device: str) -> tuple[dict[str, list[dict]], float]:
     """The `count` functions with the most host time over `calls` calls of `step` (cProfile; per call, in ms): by own
     time, and this project's by cumulative time; and the host's seconds per call (until the step returned)."""
     import cProfile
@@ -70,6 +72,7 @@ def host_functions(step, calls: int, count: int, device: str) -> tuple[dict[str,
 
 
 def main() -> int:
+    """Time the step at each chunk size, profile it (GPU ops and syncs; host calls if asked), write the JSON; 0."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--small", action="store_true")

@@ -41,6 +41,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -54,7 +55,7 @@ from gemma4_support.config.spec import load_spec  # noqa: E402
 from gemma4_support.logprobs import chunked_logprobs, score_row  # noqa: E402
 from gemma4_support.lora import LoraConfig, attach_lora  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
-from gemma4_support.packing import pack  # noqa: E402
+from gemma4_support.packing import PackedRow, pack  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import cut_config, normal_init_  # noqa: E402
 
@@ -66,17 +67,19 @@ SMALL_ROW = [(64, [96, 96, 64]), 192]  # 512 tokens
 
 
 def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA only)."""
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 def free(device: str) -> None:
+    """Collect garbage and release the CUDA caching allocator's unused memory."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
 
-def measure(fn, device: str, over: str = "weights") -> tuple[dict, object]:
+def measure(fn: Callable[[], object], device: str, over: str = "weights") -> tuple[dict, object]:
     """One warm-up, then REPS timed runs: median seconds, peak memory over the runs (GiB, also less what was allocated
     at the start, named `peak_over_<over>_gib`), the last run's output."""
     out = fn()
@@ -121,7 +124,7 @@ def build(cfg: dict, attention: str, device: str, seed: int) -> tuple[torch.nn.M
     return model, adapters
 
 
-def run_all(model: torch.nn.Module, row, device: str, chunks: list[int]) -> dict:
+def run_all(model: torch.nn.Module, row: PackedRow, device: str, chunks: list[int]) -> dict:
     """Every measurement on one model and row."""
     inputs, branches = row.model_inputs(), row.batched_branch_ids()
     res: dict = {}
@@ -215,6 +218,7 @@ def table(result: dict) -> str:
 
 
 def main() -> int:
+    """Build the cut (another attention backend if one fails), measure, write the JSON and markdown; 0 if measured."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--small", action="store_true", help="CPU smoke run at tiny sizes")
