@@ -29,8 +29,8 @@ from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
 from validation.throughput import timed  # noqa: E402
 
 
-def moe_block(small: bool, dtype: torch.dtype, device: str) -> Gemma4MoE:
-    """The routed half of the first MoE layer of a 26B-A4B model cut to one layer, random weights."""
+def moe_block(small: bool, dtype: torch.dtype, device: str) -> tuple[Gemma4Model, Gemma4MoE]:
+    """A 26B-A4B model cut to one layer, random weights, and that layer's routed half."""
     from fixtures.configs import real_config
 
     cfg = truncate_config(real_config("26B-A4B"), 6)
