@@ -23,7 +23,7 @@ from gemma4_support.lora import LoraAdapters, save_adapter, save_merged
 from gemma4_support.serving.client import VLLMClient
 from gemma4_support.serving.vllm_server import VLLMServer, served_models
 
-Check = Callable[[object], float]
+Check = Callable[[VLLMClient], float]  # the largest |Δ log-prob| of the policy the client reaches
 
 
 @dataclass
