@@ -8,7 +8,8 @@
   the parameters a token passes through (HF's model, routed experts scaled by top-k / experts).
 * Sensitivity: the ratio gate, on measured CPU numbers, against a copy of our train step stalled by its own step time
   (a trainer that waits on the host): the stalled step fails "trainer >= 1.0 x reference", the real one passes. The
-  loss agreement gate: the two documents packed as one document (positions not restarting) fail it.
+  loss agreement gate: the two documents packed as one document (positions not restarting) fail it; its bf16 bound
+  (the GPU run's), on a bf16 CPU run: labels one position off fail it, a correct step passes.
 * GPU (`gpu`): the 26B-A4B shapes cut to 6 layers (5 sliding + 1 full; --throughput-layers), vocabulary 262,144,
   bf16, 8,192 tokens a step (--throughput-tokens), or --gemma4-model's config cut the same way, random weights:
   our train step must be at least as fast as HF's best (the regression guard in validation/thresholds.py).
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -144,6 +146,32 @@ def test_loss_gate_catches_documents_run_together(stage_report, cpu_pair: dict) 
                        gates, ours_loss=loss["separated"], hf_loss=hf_loss)
     stage_report.expect_caught("sensitivity/documents_run_together", {"train_loss_rel_diff_vs_hf": rel["joined"]},
                                gates, ours_loss=loss["joined"], hf_loss=hf_loss)
+
+
+def test_bf16_loss_gate_catches_misaligned_labels(stage_report, gemma4_seed: int) -> None:
+    """The bf16 bound of the loss agreement gate (the GPU run's): our bf16 step on the CPU workload passes it against
+    HF's bf16 step on the same weights; the same step scoring labels one position off (a fused cross-entropy reading
+    the next row of labels) fails it. The documents run together are recorded: in bf16 their shift (measured
+    3e-4 to 1.1e-3 on this workload) is below the bound, as a correct step's rounding reaches 6.5e-4; that bug is
+    hf_parity's (fp32 log-prob gates) and the fp32 test above's to catch."""
+    w = cpu_workload(seed=gemma4_seed, dtype="bfloat16")
+    spec = load_spec(w.config)
+    row = packed_documents(w.tokens, 2, spec.vocab_size, w.seed)
+    variants = {"control": row, "labels_one_off": dataclasses.replace(row, labels=torch.roll(row.labels, 1)),
+                "documents_run_together": pack([row.length]).with_tokens(row.input_ids)}
+    with one_thread():
+        state = random_state(w.config, torch.bfloat16, "cpu", w.seed)
+        model = megatron_model(spec, state, torch.bfloat16, "cpu", w.attention)
+        hf_loss = float(hf_train_step(hf_model(w.config, torch.bfloat16, "cpu", state), row.input_ids.view(2, -1))())
+        loss = {name: float(train_step(model, r, list(model.parameters()), w.chunk_tokens)()) for name, r in variants.items()}
+    gates = [g for g in throughput_gates("bfloat16", cuda=False) if g.metric == "train_loss_rel_diff_vs_hf"]
+    rel = {name: {"train_loss_rel_diff_vs_hf": abs(v - hf_loss) / abs(hf_loss)} for name, v in loss.items()}
+    info = {"hf_loss": hf_loss, "dtype": "bfloat16"}
+    stage_report.check("sensitivity/control/bf16_loss", rel["control"], gates, ours_loss=loss["control"], **info)
+    stage_report.expect_caught("sensitivity/bf16_labels_one_off", rel["labels_one_off"], gates,
+                               ours_loss=loss["labels_one_off"], **info)
+    stage_report.record("resolution/bf16_documents_run_together", **rel["documents_run_together"],
+                        bound=gates[0].threshold, ours_loss=loss["documents_run_together"], **info)
 
 
 def test_hf_micro_batches_accumulate_the_whole_batch(cpu_pair: dict) -> None:
