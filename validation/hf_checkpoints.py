@@ -143,10 +143,15 @@ def random_hf_model(text: Mapping, seed: int, device: str | torch.device = "cpu"
     return model.train()
 
 
-def save_random_checkpoint(path: str | Path, text: Mapping, seed: int, wrapper: Mapping | None = None) -> Path:
-    """Write `random_hf_model(text, seed, wrapper=...)` with transformers' own `save_pretrained`; returns the path."""
+def save_random_checkpoint(path: str | Path, text: Mapping, seed: int, wrapper: Mapping | None = None, *,
+                           dtype: torch.dtype | None = None, max_shard_size: str | None = None) -> Path:
+    """Write `random_hf_model(text, seed, wrapper=...)` with transformers' own `save_pretrained` (stored in `dtype`,
+    sharded at `max_shard_size` when given); returns the path."""
     path = Path(path)
-    random_hf_model(text, seed, wrapper=wrapper).save_pretrained(path)
+    model = random_hf_model(text, seed, wrapper=wrapper)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 

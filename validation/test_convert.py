@@ -219,8 +219,15 @@ def test_tensor_parallel_splits_are_exact_and_keep_blocks_whole(variant: str, st
     stage_report.record(f"convert/{variant}/tensor_parallel_2", tensors_split=split, tensors_refused=refused)
 
 
+# case -> (text config overrides, wrapper fields or None[, save_pretrained options])
 TRANSFORMERS_WRITTEN = {
     "untied_no_k_eq_v": ({"tie_word_embeddings": False, "attention_k_eq_v": False}, None),
+    # stored as a bf16 training run saves it (config dtype "bfloat16", bf16 tensors): read and written back in bf16
+    "stored_bf16_moe": ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
+                        None, {"dtype": torch.bfloat16}),
+    # transformers' own shards and index (its metadata, its split of the experts' tensors across files)
+    "sharded_by_transformers": ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                 "moe_intermediate_size": 32}, None, {"max_shard_size": "100KB"}),
     "single_expert_head_widths": ({"enable_moe_block": True, "num_experts": 1, "top_k_experts": 1,
                                    "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 2}, None),
@@ -241,10 +248,14 @@ def test_transformers_written_checkpoints_round_trip(case: str, tmp_path: Path, 
     from fixtures.configs import tiny_text_config
     from validation.hf_checkpoints import save_random_checkpoint
 
-    text, wrapper = TRANSFORMERS_WRITTEN[case]
-    save_random_checkpoint(tmp_path, tiny_text_config(**text), 0, wrapper=wrapper)
+    text, wrapper, *options = TRANSFORMERS_WRITTEN[case]
+    save_random_checkpoint(tmp_path, tiny_text_config(**text), 0, wrapper=wrapper, **(options[0] if options else {}))
     spec = load_spec(tmp_path)
     source = HFCheckpoint(tmp_path)
+    if options and "max_shard_size" in options[0]:
+        assert len({source._file_of[n] for n in source.names()}) > 1  # really sharded
+    if options and "dtype" in options[0]:
+        assert {source.get(n).dtype for n in source.names()} == {options[0]["dtype"]}
     _, accounting = check_hf(source, spec)
     back = megatron_to_hf(hf_to_megatron(tmp_path, spec), spec)
     _assert_bitwise({name: source.get(name) for name in accounting.converted}, back)

@@ -1,6 +1,6 @@
 """Stage hf_parity across Gemma 4 config variants: checkpoints written by transformers itself (`save_pretrained` of a
 randomly initialised tiny Gemma4ForCausalLM: hidden 64, head_dim 64 unless the case varies it) for the routing
-setups, layer patterns, windows and head widths the fixtures do not cover. Each passes the fp32 forward gates
+setups, layer patterns, windows, head widths and bf16 storage the fixtures do not cover. Each passes the fp32 forward gates
 (log-probs relative to HF's own fp32-vs-fp64 distance, KL, routing) and backward gates on a packed row of three
 documents at least 4 windows long (window 4096: a 64-token row, shorter than one window, so the sliding layers
 see whole documents — the case checks that a window beyond the row changes nothing).
@@ -53,7 +53,10 @@ CASES = {
         S: {"rope_type": "default", "rope_theta": 50_000.0},
         F: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 100_000.0, "factor": 2.0}}}, None),
     "activation_silu_eps": ({"hidden_activation": "silu", "rms_norm_eps": 1e-3}, None),
+    "stored_bf16": (moe(), None),
 }
+# save_pretrained options of a case: a checkpoint stored in bf16 (as a bf16 run saves it), run in fp32 by both sides
+SAVE_OPTIONS = {"stored_bf16": {"dtype": torch.bfloat16}}
 
 
 def _trailing_sliding(path: Path) -> None:
@@ -68,7 +71,7 @@ def _trailing_sliding(path: Path) -> None:
 def test_config_variant_parity(case: str, tmp_path: Path, stage_report, gemma4_seed: int) -> None:
     """One training step on a transformers-written checkpoint of the variant: fp32 forward and backward gates."""
     overrides, tokens = CASES[case]
-    save_random_checkpoint(tmp_path, tiny_text_config(**overrides), gemma4_seed)
+    save_random_checkpoint(tmp_path, tiny_text_config(**overrides), gemma4_seed, **SAVE_OPTIONS.get(case, {}))
     if case == "pattern_trailing_sliding":
         _trailing_sliding(tmp_path)
     subject = Subject(tmp_path, None, load_spec(tmp_path), tokens)
