@@ -211,6 +211,22 @@ def test_bad_configs_give_one_clear_line(config, error, field):
     assert field in message and "fix:" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("config_class", ["Gemma4UnifiedConfig", "Gemma4AssistantConfig", "Gemma4UnifiedAssistantConfig"])
+def test_gemma4_siblings_are_refused_by_name(config_class: str, tmp_path) -> None:
+    """The other Gemma 4 model types transformers registers (the 12B unified model, the speculative-decoding drafters),
+    as its save_pretrained writes them: refused as out of scope in one line naming the model_type and the fix — not
+    as an unknown model family, and not read as a decoder."""
+    import transformers
+
+    getattr(transformers, config_class)().save_pretrained(tmp_path)
+    model_type = json.loads((tmp_path / "config.json").read_text())["model_type"]
+    with pytest.raises(UnsupportedVariantError) as info:
+        load_spec(tmp_path)
+    message = str(info.value)
+    assert repr(model_type) in message and "26B-A4B and 31B" in message and "fix:" in message
+    assert "\n" not in message and "unknown" not in message
+
+
 def test_unreadable_config_files(tmp_path):
     with pytest.raises(ConfigError, match="no Gemma 4 config"):
         load_spec(tmp_path)

@@ -11,7 +11,7 @@ from gemma4_support.config.hf_fields import (
     DEFAULT_GLOBAL_HEAD_DIM, DEFAULT_MAX_POSITIONS, FLOAT_DTYPES, FULL, MOE_FIELDS, REQUIRED, SLIDING, TEXT_MODEL_TYPE,
     WRAPPER_MODEL_TYPE, default_layer_types,
 )
-from gemma4_support.config.scope import per_layer_overrides, refuse_out_of_scope
+from gemma4_support.config.scope import model_type_error, per_layer_overrides, refuse_out_of_scope
 from gemma4_support.errors import ConfigError, combined
 
 _HEADS, _WIDTH, _POSITIONS = 1024, 1 << 20, 1 << 24
@@ -44,8 +44,7 @@ def config_problems(raw: object) -> list[ConfigError]:
     if model_type == TEXT_MODEL_TYPE:
         return _text_problems(raw, "")
     if model_type != WRAPPER_MODEL_TYPE:
-        return [ConfigError(f"unknown model_type {_show(model_type)}: this suite reads Gemma 4 only",
-                            f"point it at a config whose model_type is {TEXT_MODEL_TYPE!r} or {WRAPPER_MODEL_TYPE!r}")]
+        return [model_type_error(model_type)]
     top = _Fields(raw, "")
     top.boolean("tie_word_embeddings")
     top.dtype()

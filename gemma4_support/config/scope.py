@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gemma4_support.config.hf_fields import TEXT_MODEL_TYPE, WRAPPER_MODEL_TYPE
 from gemma4_support.errors import ConfigError, UnsupportedVariantError
 
 _DEFAULT_PLE_WIDTH = 256  # hidden_size_per_layer_input's HF default: per-layer embeddings ON
@@ -19,6 +20,29 @@ ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu", "swish", "relu")
 # The only attributes Gemma 4's modeling code reads per layer (Gemma4TextAttention: per_layer_config[i]); any
 # other per-layer override makes transformers refuse the global read, or is never read at all.
 PER_LAYER_FIELDS = ("head_dim", "num_key_value_heads")
+
+
+# The other Gemma 4 model types transformers 5.19 registers: refused by name, saying what they are.
+SIBLING_MODEL_TYPES = {
+    "gemma4_unified": "the unified multimodal model (Gemma 4 12B)",
+    "gemma4_unified_text": "the unified model's text decoder (Gemma 4 12B)",
+    "gemma4_assistant": "a speculative-decoding drafter that reads the main model's KV states",
+    "gemma4_unified_assistant": "the unified model's speculative-decoding drafter",
+    "gemma4_vision": "a vision tower config", "gemma4_unified_vision": "a vision tower config",
+    "gemma4_audio": "an audio tower config", "gemma4_unified_audio": "an audio tower config",
+}
+
+
+def model_type_error(model_type: object) -> ConfigError:
+    """The refusal of a config whose model_type is neither gemma4_text nor the gemma4 wrapper."""
+    fix = (f"point it at the config.json of a 26B-A4B or 31B checkpoint (model_type {TEXT_MODEL_TYPE!r} or "
+           f"{WRAPPER_MODEL_TYPE!r})")
+    shown = repr(model_type) if len(repr(model_type)) <= 60 else repr(model_type)[:57] + "..."
+    if isinstance(model_type, str) and model_type.startswith("gemma4"):
+        what = SIBLING_MODEL_TYPES.get(model_type, "a Gemma 4 model type this suite does not know")
+        return UnsupportedVariantError(f"model_type {shown} is {what}: this suite models the Gemma 4 text decoder of "
+                                       "26B-A4B and 31B only", fix)
+    return ConfigError(f"unknown model_type {shown}: this suite reads Gemma 4 only", fix)
 
 
 def refuse_out_of_scope(cfg: dict) -> list[str]:

@@ -13,7 +13,9 @@ from gemma4_support.config.hf_fields import (
     DEFAULT_ACTIVATION, DEFAULT_GLOBAL_HEAD_DIM, DEFAULT_MAX_POSITIONS, DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE, FULL,
     SLIDING, TEXT_MODEL_TYPE, WRAPPER_MODEL_TYPE, default_layer_types,
 )
-from gemma4_support.config.scope import per_layer_overrides, refuse_out_of_scope, require_uniform_per_type
+from gemma4_support.config.scope import (
+    model_type_error, per_layer_overrides, refuse_out_of_scope, require_uniform_per_type,
+)
 from gemma4_support.errors import ConfigError, UnsupportedVariantError
 
 __all__ = ["FULL", "SLIDING", "TEXT_MODEL_TYPE", "WRAPPER_MODEL_TYPE", "LayerSpec", "ModelSpec", "MoESpec", "RopeSpec",
@@ -141,10 +143,7 @@ def text_config(config: dict) -> tuple[dict, bool]:
         return inner, True
     if model_type == TEXT_MODEL_TYPE:
         return config, False
-    raise ConfigError(
-        f"unknown model_type {model_type!r}: this suite reads Gemma 4 only",
-        f"point it at a config whose model_type is {TEXT_MODEL_TYPE!r} or {WRAPPER_MODEL_TYPE!r}",
-    )
+    raise model_type_error(model_type)
 
 
 def load_spec(source: str | Path | dict) -> ModelSpec:
