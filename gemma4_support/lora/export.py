@@ -9,7 +9,10 @@ LoRA per slice: the k_proj adapter is written again under v_proj, or V would sta
 
 `read_adapter` refuses, one line each, every tensor vLLM would ignore or apply differently from the trainer: a
 name outside the model (unknown module, layer or expert beyond the config), a shape that does not fit, a K=V
-layer whose v_proj adapter is missing or differs from its k_proj adapter, an unsupported config field.
+layer whose v_proj adapter is missing or differs from its k_proj adapter, a config field that changes the math
+(PEFT's variants) or that this reader does not know, when it is set. `import_peft_adapter` takes an adapter PEFT
+wrote for the HF model (no v_proj on K=V layers there: HF's V is the K projection, adapter included) and writes its
+k_proj adapter again under v_proj.
 The merged checkpoint is the base checkpoint with `scaling · B @ A` added to each adapted weight (computed in
 float64, rounded once to the checkpoint's dtype); everything else is copied bit for bit.
 """
@@ -31,13 +34,25 @@ from gemma4_support.convert.checkpoint import HFCheckpoint
 from gemma4_support.errors import CheckpointError
 from gemma4_support.lora.adapter import ATTENTION_TARGETS, MLP_TARGETS, LoraAdapters, LoraConfig, lora_modules
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "save_adapter", "read_adapter", "load_adapter", "save_merged"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "save_adapter", "read_adapter", "load_adapter", "import_peft_adapter",
+           "save_merged"]
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PEFT = "base_model.model."
 _NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+# Written by save_adapter as off: settings vLLM's LoRA does not apply (and this trainer does not train).
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "lora_bias": False, "layer_replication": None,
                 "modules_to_save": None}
+# adapter_config.json fields read here, and PEFT's fields that change nothing a trained adapter computes (metadata,
+# initialisation, which modules got adapters — the tensors say that). Every other field must be absent or empty:
+# PEFT's variants (alpha_pattern, rank_pattern, aLoRA, QALoRA, BD-LoRA, KaSA, Arrow, MonteCLoRA, trainable tokens,
+# target_parameters, ...) and whatever a later PEFT adds are refused by name rather than silently read as plain LoRA.
+_READ = {"peft_type", "r", "lora_alpha", "bias", "target_modules"}
+_INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+          "exclude_modules", "lora_dropout", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
+          "layers_pattern", "megatron_config", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+          "corda_config", "lora_ga_config", "ensure_weight_tying"}
+_EMPTY = (None, False, {}, [], "")
 
 
 def _atomic_dir(out: Path) -> Path:
@@ -92,10 +107,13 @@ def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
     if not isinstance(doc, dict) or doc.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_file}: peft_type is {doc.get('peft_type') if isinstance(doc, dict) else doc!r}, "
                               "not LORA", "export a LoRA adapter")
-    for key, allowed in _UNSUPPORTED.items():
-        if doc.get(key, allowed) not in (allowed, False, None, []):
-            raise CheckpointError(f"{cfg_file}: {key} = {doc[key]!r} is not supported by vLLM's LoRA",
-                                  f"export without {key}")
+    for key, value in doc.items():
+        if key in _READ or key in _INERT or value in _EMPTY:
+            continue
+        what = "is not supported by vLLM's LoRA" if key in _UNSUPPORTED else \
+            "changes what the adapter computes, and neither vLLM's LoRA nor this trainer applies it"
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise CheckpointError(f"{cfg_file}: {key} = {shown} {what}", f"export a plain LoRA adapter (without {key})")
     if doc.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_file}: bias = {doc['bias']!r}", 'vLLM applies no adapter bias: use "none"')
     try:
@@ -135,7 +153,8 @@ def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
         if k is not None and v is None:
             raise CheckpointError(f"K=V layer {mod.layer.index}: the adapter has {mod.alias_of} but no {name}; vLLM "
                                   "would leave V unadapted while the trainer adapts it",
-                                  "export the k_proj adapter again under v_proj (save_adapter does)")
+                                  "export the k_proj adapter again under v_proj (save_adapter does; for an adapter "
+                                  "PEFT wrote for the HF model, gemma4_support.lora.import_peft_adapter)")
         if v is not None and (k is None or not (torch.equal(k["A"], v["A"]) and torch.equal(k["B"], v["B"]))):
             raise CheckpointError(f"K=V layer {mod.layer.index}: {name} differs from {mod.alias_of}; V is the raw K "
                                   "projection there, so one adapter serves both", "write the k_proj adapter under v_proj")
@@ -152,6 +171,32 @@ def load_adapter(directory: str | Path, spec: ModelSpec, dtype: torch.dtype = to
                               "export every targeted module (or narrow target_modules)")
     adapters.load_pairs(pairs)
     return adapters
+
+
+def import_peft_adapter(source: str | Path, spec: ModelSpec, directory: str | Path) -> Path:
+    """An adapter PEFT wrote for the HF model, rewritten as vLLM and this trainer read it alike (atomically)."""
+    src, out = Path(source), Path(directory)
+    if not (src / ADAPTER_CONFIG).is_file() or not (src / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{src} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})",
+                              "point at the directory PeftModel.save_pretrained wrote")
+    with safe_open(str(src / ADAPTER_WEIGHTS), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    prefixes = {_PEFT + m.name: _PEFT + m.alias_of for m in lora_modules(spec, LoraConfig(experts=False))
+                if m.alias_of is not None}  # HF has no v_proj on K=V layers: its value is the K projection
+    for v_prefix, k_prefix in prefixes.items():
+        for ab in ("A", "B"):
+            k_key, v_key = f"{k_prefix}.lora_{ab}.weight", f"{v_prefix}.lora_{ab}.weight"
+            if k_key in tensors and v_key not in tensors:
+                tensors[v_key] = tensors[k_key].clone()
+    tmp = _atomic_dir(out)
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.copyfile(src / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+    try:
+        read_adapter(tmp, spec)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _publish(tmp, out)
 
 
 def save_merged(adapters: LoraAdapters, base_dir: str | Path, directory: str | Path) -> Path:

@@ -32,7 +32,6 @@ Prints a markdown table and writes scoring_memory.json / scoring_memory.md into 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import re
@@ -57,26 +56,13 @@ from gemma4_support.lora import LoraConfig, attach_lora  # noqa: E402
 from gemma4_support.model.build import build_model  # noqa: E402
 from gemma4_support.packing import PackedRow, pack  # noqa: E402
 from gemma4_support.runtime import RuntimeConfig, set_runtime  # noqa: E402
-from validation.throughput import cut_config, normal_init_  # noqa: E402
+from validation.throughput import cut_config, free, normal_init_, sync  # noqa: E402
 
 GiB = 2 ** 30
 TOP_K = 20
 REPS = 3
 FULL_ROW = [(2048, [3072, 3072, 2048]), 6144]  # 16,384 tokens
 SMALL_ROW = [(64, [96, 96, 64]), 192]  # 512 tokens
-
-
-def sync(device: str) -> None:
-    """Wait for the device's queued work (CUDA only)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(device: str) -> None:
-    """Collect garbage and release the CUDA caching allocator's unused memory."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def measure(fn: Callable[[], object], device: str, over: str = "weights") -> tuple[dict, object]:
