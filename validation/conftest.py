@@ -50,20 +50,26 @@ def gemma4_seed(pytestconfig: pytest.Config) -> int:
 
 
 @pytest.fixture(scope="session")
-def chat_template(pytestconfig: pytest.Config, gemma4_model_dir: Path) -> str:
-    """The chat template under test: --gemma4-chat-template FILE, else the model's own (chat_template.jinja or
-    tokenizer_config.json), else the fixtures' template."""
+def chat_template_origin(pytestconfig: pytest.Config, gemma4_model_dir: Path) -> tuple[str, str]:
+    """(the chat template under test, where it came from): --gemma4-chat-template FILE, else the model's own
+    (chat_template.jinja, additional_chat_templates/ or tokenizer_config.json), else the fixtures' template."""
     from gemma4_support.chat.template import checkpoint_template
 
     given = pytestconfig.getoption("--gemma4-chat-template")
     if given:
-        return Path(given).read_text(encoding="utf-8")
+        return Path(given).read_text(encoding="utf-8"), f"--gemma4-chat-template {given}"
     own = checkpoint_template(gemma4_model_dir)
     if own is not None:
-        return own
+        return own, f"the checkpoint's own ({gemma4_model_dir})"
     from fixtures.chat_template import CHAT_TEMPLATE
 
-    return CHAT_TEMPLATE
+    return CHAT_TEMPLATE, f"the fixtures' template ({gemma4_model_dir} brings none)"
+
+
+@pytest.fixture(scope="session")
+def chat_template(chat_template_origin: tuple[str, str]) -> str:
+    """The chat template under test (see chat_template_origin)."""
+    return chat_template_origin[0]
 
 
 @pytest.fixture(scope="module")

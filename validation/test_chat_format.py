@@ -36,10 +36,15 @@ def _render(template: str, conv: dict, messages: list | None = None, gen: bool =
                          enable_thinking=conv["enable_thinking"], add_generation_prompt=gen)
 
 
-def test_template_characterisation(chat_template: str, stage_report) -> None:
-    """What the template under test does to history (reported; the properties below check it holds)."""
-    traits = characterise(chat_template)
-    stage_report.record("template_characterisation", **traits.to_dict())
+def test_template_characterisation(chat_template_origin: tuple[str, str], stage_report) -> None:
+    """What the template under test does to history (reported; the properties below check it holds), and where the
+    template came from."""
+    import hashlib
+
+    template, origin = chat_template_origin
+    traits = characterise(template)
+    stage_report.record("template_characterisation", **traits.to_dict(), template_origin=origin,
+                        template_sha256=hashlib.sha256(template.encode()).hexdigest()[:12])
 
 
 def test_chat_format_roundtrip_and_transformers_render(chat_template: str, stage_report) -> None:
@@ -210,3 +215,55 @@ def test_checkpoint_template_is_the_one_transformers_reads(tmp_path) -> None:  #
     assert checkpoint_template(tmp_path) == "from the config"
     (tmp_path / "chat_template.jinja").write_text("from the file")
     assert checkpoint_template(tmp_path) == "from the file"
+
+
+# named templates as transformers' save_pretrained writes them ("FIXTURE": the fixtures' template):
+# case -> (templates, whether transformers has a default, what our refusal names — None: ours is that default)
+NAMED_TEMPLATES = {
+    "default_and_rag": ({"default": "FIXTURE", "rag": "RAG"}, True, None),
+    "distinct_tool_use": ({"default": "FIXTURE", "tool_use": "TOOLS"}, True, "'tool_use' chat template"),
+    "no_default": ({"rag": "RAG"}, False, "none named 'default'"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMED_TEMPLATES))
+def test_named_checkpoint_templates_as_transformers_writes_them(case: str, tmp_path) -> None:  # noqa: ANN001
+    """A tokenizer with several named templates, saved by transformers (chat_template.jinja and
+    additional_chat_templates/), and the same in the older list form of tokenizer_config.json: ours is transformers'
+    default where that is the only template a request can get; a distinct `tool_use` template (transformers and vLLM
+    pick it when tools are passed) or no default is refused in one line — never a silent fall back to another."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from fixtures.factory import fixture_dir
+    from gemma4_support.chat.template import checkpoint_template
+
+    named, has_default, refusal = NAMED_TEMPLATES[case]
+    templates = {k: hf_tokenizer().chat_template if v == "FIXTURE" else v for k, v in named.items()}
+    tok = AutoTokenizer.from_pretrained(fixture_dir("moe"))
+    tok.chat_template = templates
+    tok.save_pretrained(tmp_path / "files")
+    assert (tmp_path / "files" / "additional_chat_templates").is_dir()
+    legacy = tmp_path / "list"
+    tok.save_pretrained(legacy)
+    for leftover in [legacy / "chat_template.jinja", *legacy.glob("additional_chat_templates/*")]:
+        leftover.unlink(missing_ok=True)
+    (legacy / "additional_chat_templates").rmdir()
+    config = json.loads((legacy / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
+    (legacy / "tokenizer_config.json").write_text(json.dumps(config))
+    for folder in (tmp_path / "files", legacy):
+        hf = AutoTokenizer.from_pretrained(folder)
+        if has_default:
+            assert hf.get_chat_template() == templates["default"]
+        else:
+            with pytest.raises(ValueError):
+                hf.get_chat_template()
+        if refusal is None:
+            assert checkpoint_template(folder) == hf.get_chat_template()
+        else:
+            with pytest.raises(TokenizationError) as err:
+                checkpoint_template(folder)
+            refusal_text = str(err.value)
+            assert refusal in refusal_text and "--gemma4-chat-template" in refusal_text and "\n" not in refusal_text

@@ -91,6 +91,14 @@ def test_last_only_over_long_and_refusals() -> None:
         sft_tokenize([[{"role": "user", "content": "hi"}]], max_length=100, **options)
     with pytest.raises(TokenizationError, match="no chat template"):
         sft_tokenize([short], max_length=100, tokenizer=TOKENIZER)
+    from transformers import AutoTokenizer
+
+    from fixtures.factory import fixture_dir
+
+    named = AutoTokenizer.from_pretrained(fixture_dir("moe"))
+    named.chat_template = {"default": CHAT_TEMPLATE, "tool_use": CHAT_TEMPLATE}  # an HF tokenizer's named templates
+    with pytest.raises(TokenizationError, match=r"named chat templates \['default', 'tool_use'\]"):
+        sft_tokenize([short], max_length=100, tokenizer=named)
 
 
 def _check_conversation(conv: dict, stats: Counter) -> None:

@@ -1,6 +1,7 @@
 """Render a chat template exactly as Hugging Face transformers and vLLM do (same Jinja settings and variables).
 
-A Gemma 4 checkpoint brings its template (``chat_template.jinja`` / the tokenizer's ``chat_template``).
+A Gemma 4 checkpoint brings its template (``chat_template.jinja``, ``additional_chat_templates/``, or the
+tokenizer config's ``chat_template``: a string or a list of named templates).
 `render` renders messages as given; `render_prompt` renders what vLLM renders for a chat request: its message
 preprocessing first (`gemma4_support.serving.wire.template_messages`, content as parts when the template
 iterates over content, a ``developer`` role turned into ``system`` when the template never names it), and a
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from gemma4_support.errors import TokenizationError
 from gemma4_support.serving.wire import template_messages
 
-__all__ = ["checkpoint_template", "content_format", "render", "render_prompt"]
+__all__ = ["checkpoint_template", "checkpoint_templates", "content_format", "render", "render_prompt"]
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the message it continues
 
@@ -39,15 +40,49 @@ def _environment():  # noqa: ANN202
 _COMPILED: dict[str, Any] = {}
 
 
+def checkpoint_templates(model_dir: str | Path) -> dict[str, str]:
+    """Every named chat template a checkpoint directory brings, where transformers' AutoTokenizer reads them."""
+    path = Path(model_dir)
+    config = path / "tokenizer_config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise TokenizationError(f"{config} is not a readable JSON object ({exc})", "repair or re-save the tokenizer") \
+            from None
+    templates: dict[str, str] = {}
+    if isinstance(raw, str):
+        templates["default"] = raw
+    elif isinstance(raw, list):  # the older multi-template form: [{"name": ..., "template": ...}, ...]
+        for entry in raw:
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)):
+                raise TokenizationError(f"{config}: chat_template entry {str(entry)[:80]} is not a name and a template",
+                                        'write chat_template as a string, or a list of {"name", "template"} objects')
+            templates[entry["name"]] = entry["template"]
+    own, extra = path / "chat_template.jinja", path / "additional_chat_templates"
+    if own.is_file() or extra.is_dir():  # the separate files take priority over the tokenizer config's entries
+        templates = {"default": own.read_text(encoding="utf-8")} if own.is_file() else {}
+        for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
+            templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    return templates
+
+
 def checkpoint_template(model_dir: str | Path) -> str | None:
-    """The chat template a checkpoint directory brings, where transformers reads it: ``chat_template.jinja``, else
-    the ``chat_template`` string of ``tokenizer_config.json``; None when it brings none."""
-    own = Path(model_dir) / "chat_template.jinja"
-    if own.is_file():
-        return own.read_text(encoding="utf-8")
-    config = Path(model_dir) / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    return template if isinstance(template, str) else None
+    """The chat template a checkpoint's tokenizer renders every conversation with (None when it brings none);
+    refused when its named templates would render some conversations differently (a distinct `tool_use` one)."""
+    templates = checkpoint_templates(model_dir)
+    if not templates:
+        return None
+    if "default" not in templates:
+        raise TokenizationError(f"{model_dir} brings chat templates {sorted(templates)} and none named 'default' "
+                                "(transformers refuses to choose one too)",
+                                "pass the one under test with --gemma4-chat-template FILE")
+    default = templates["default"]
+    if templates.get("tool_use", default) != default:
+        raise TokenizationError(f"{model_dir} brings a 'tool_use' chat template beside its default: transformers and "
+                                "vLLM render requests with tools through the one, without through the other, and "
+                                "this suite checks one template at a time",
+                                "run the stage once per template with --gemma4-chat-template FILE")
+    return default
 
 
 def _compiled(template: str) -> Any:

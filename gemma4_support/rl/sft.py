@@ -179,6 +179,9 @@ def sft_tokenize(
     if not template:
         raise TokenizationError("no chat template: the tokenizer carries none and none was passed",
                                 "pass template=... (the checkpoint's chat_template.jinja) or an HF tokenizer that has one")
+    if not isinstance(template, str):  # an HF tokenizer with several named templates
+        raise TokenizationError(f"the tokenizer carries named chat templates {sorted(template)}, not one",
+                                "pass template=... (e.g. gemma4_support.chat.template.checkpoint_template(model_dir))")
     report = SFTReport(conversations=len(conversations), max_length=max_length)
     examples: list[SFTExample] = []
     for idx, conv in enumerate(conversations):
