@@ -267,3 +267,24 @@ def test_named_checkpoint_templates_as_transformers_writes_them(case: str, tmp_p
                 checkpoint_template(folder)
             refusal_text = str(err.value)
             assert refusal in refusal_text and "--gemma4-chat-template" in refusal_text and "\n" not in refusal_text
+
+
+def test_processor_chat_template_json(tmp_path) -> None:  # noqa: ANN001
+    """A multimodal checkpoint's legacy chat_template.json (its processor reads it before chat_template.jinja, and
+    vLLM prefers the processor's template for requests without tools): the checkpoint's template when it brings no
+    other; refused in one line when it differs from the tokenizer's (from tokenizer_config.json or the .jinja)."""
+    import json
+
+    from gemma4_support.chat.template import checkpoint_template
+
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "processor's"}))
+    assert checkpoint_template(tmp_path) == "processor's"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "tokenizer's"}))
+    with pytest.raises(TokenizationError, match="differs from the tokenizer's") as err:
+        checkpoint_template(tmp_path)
+    assert "--gemma4-chat-template" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "chat_template.jinja").write_text("the file's")
+    with pytest.raises(TokenizationError, match="differs from the tokenizer's"):
+        checkpoint_template(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("processor's")
+    assert checkpoint_template(tmp_path) == "processor's"

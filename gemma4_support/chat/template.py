@@ -41,7 +41,8 @@ _COMPILED: dict[str, Any] = {}
 
 
 def checkpoint_templates(model_dir: str | Path) -> dict[str, str]:
-    """Every named chat template a checkpoint directory brings, where transformers' AutoTokenizer reads them."""
+    """Every named chat template a checkpoint directory brings, where transformers' AutoTokenizer reads them, and
+    the processor's legacy ``chat_template.json`` as "processor" (vLLM renders requests without tools with it)."""
     path = Path(model_dir)
     config = path / "tokenizer_config.json"
     try:
@@ -63,6 +64,15 @@ def checkpoint_templates(model_dir: str | Path) -> dict[str, str]:
         templates = {"default": own.read_text(encoding="utf-8")} if own.is_file() else {}
         for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
             templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    legacy = path / "chat_template.json"  # a processor's (multimodal) template: transformers' processor prefers it
+    if legacy.is_file():
+        try:
+            processor = json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise TokenizationError(f"{legacy} is not a readable JSON object ({exc})", "repair or re-save it") from None
+        if isinstance(processor, str):
+            templates["processor"] = processor
+            templates.setdefault("default", processor)
     return templates
 
 
@@ -81,6 +91,11 @@ def checkpoint_template(model_dir: str | Path) -> str | None:
         raise TokenizationError(f"{model_dir} brings a 'tool_use' chat template beside its default: transformers and "
                                 "vLLM render requests with tools through the one, without through the other, and "
                                 "this suite checks one template at a time",
+                                "run the stage once per template with --gemma4-chat-template FILE")
+    if templates.get("processor", default) != default:
+        raise TokenizationError(f"{model_dir}/chat_template.json (the processor's) differs from the tokenizer's chat "
+                                "template: vLLM renders requests without tools through the processor's, with tools "
+                                "through the tokenizer's, and this suite checks one template at a time",
                                 "run the stage once per template with --gemma4-chat-template FILE")
     return default
 
