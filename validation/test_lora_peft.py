@@ -111,7 +111,8 @@ def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma
                        refused_as_written=str(err.value))
 
 
-# PEFT settings that change what an adapter computes: (LoraConfig fields, the field named in the refusal)
+# PEFT settings that change what an adapter computes, or that K=V layers cannot carry:
+# (LoraConfig fields, what the refusal names)
 VARIANTS = {
     "rslora": ({"use_rslora": True}, "use_rslora"),
     "alpha_pattern": ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
@@ -120,6 +121,8 @@ VARIANTS = {
     "alora": ({"alora_invocation_tokens": [7, 8]}, "alora_invocation_tokens"),
     "adapter_bias": ({"lora_bias": True}, "lora_bias"),
     "trainable_tokens": ({"trainable_token_indices": [3, 4]}, "trainable_token_indices"),
+    # the classic q/v targets: V adapted on the sliding layers only (HF's K=V layers have no v_proj)
+    "v_without_k": ({"target_modules": ["q_proj", "v_proj"]}, "adapts v_proj but not k_proj"),
 }
 
 
@@ -137,7 +140,7 @@ def test_peft_variants_are_refused(variant: str, tmp_path: Path, gemma4_seed: in
         with pytest.raises(CheckpointError) as err:
             read()
         assert field in str(err.value) and "fix:" in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "imported").exists()
+    assert not (tmp_path / "imported").exists() and not list(tmp_path.glob(".imported.*"))  # nothing half-written
 
 
 def test_alpha_pattern_read_as_plain_lora_fails_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -125,6 +125,11 @@ def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
     has_experts = any(".experts." in k for k in raw)
     targets = tuple(t for t in ATTENTION_TARGETS + MLP_TARGETS
                     if any(k.endswith(f".{t}.lora_A.weight") and ".experts." not in k for k in raw))
+    if ("k_proj" in targets) != ("v_proj" in targets):
+        have, lack = ("k_proj", "v_proj") if "k_proj" in targets else ("v_proj", "k_proj")
+        raise CheckpointError(f"{weights} adapts {have} but not {lack}: on K=V layers V is the K projection, so this "
+                              "trainer and vLLM adapt K and V together or neither",
+                              "train the adapter with k_proj and v_proj both targeted, or neither")
     config = LoraConfig(rank=rank, alpha=alpha, target_modules=targets, experts=has_experts and spec.moe is not None)
     known = {m.name: m for m in lora_modules(spec, LoraConfig(rank=rank, alpha=alpha, experts=spec.moe is not None))}
     found: dict[str, dict[str, torch.Tensor]] = {}
@@ -193,8 +198,10 @@ def import_peft_adapter(source: str | Path, spec: ModelSpec, directory: str | Pa
     shutil.copyfile(src / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
     try:
         read_adapter(tmp, spec)
-    except CheckpointError:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, CheckpointError):  # named after the source the user gave, not the staging folder
+            raise CheckpointError(exc.problem.replace(str(tmp), str(src)), exc.fix) from None
         raise
     return _publish(tmp, out)
 
