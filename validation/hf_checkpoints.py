@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from gemma4_support.config.spec import ModelSpec
+from fixtures.configs import TINY_MOE, tiny_text_config
+from gemma4_support.config.spec import FULL, SLIDING, ModelSpec
 from gemma4_support.convert.checkpoint import HFCheckpoint, load_hf_weights
 from gemma4_support.convert.mapping import NON_TEXT_PREFIXES
 from gemma4_support.model.build import build_model
@@ -22,6 +23,19 @@ from validation.parity import load_hf_reference, low_precision_step, packed_leng
 
 MIN_TOKENS = 64
 LAYOUTS = ("single", "packed")
+# The multimodal wrapper's pieces for checkpoints transformers writes: the text model inside (MoE top-2, K=V full
+# layers, 4 layers s, s, f, f — cut to 3 like any real model) and tiny vision / audio towers.
+WRAPPED_TEXT = tiny_text_config(num_hidden_layers=4, layer_types=[SLIDING, SLIDING, FULL, FULL], **TINY_MOE)
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4, "position_embedding_size": 64,
+               "pooling_kernel_size": 2}
+TINY_AUDIO = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "subsampling_conv_channels": [8, 4],
+              "output_proj_dims": 32, "conv_kernel_size": 3}
+WRAPPERS = {
+    "text_only": {},
+    "untied_at_wrapper_level": {"tie_word_embeddings": False},  # text_config keeps its default tie: true
+    "with_vision_audio_towers": {"vision_config": TINY_VISION, "audio_config": TINY_AUDIO},
+}
 
 
 @dataclasses.dataclass(frozen=True)

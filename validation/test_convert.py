@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.configs import multimodal_wrapper
 from fixtures.factory import fixture_config, fixture_dir
+from validation.hf_checkpoints import TINY_VISION
 from gemma4_support.config.spec import load_spec
 from gemma4_support.convert.checkpoint import (
     INDEX_FILE, HFCheckpoint, check_hf, hf_to_megatron, load_hf_weights, megatron_to_hf, save_hf_checkpoint,
@@ -233,11 +234,7 @@ TRANSFORMERS_WRITTEN = {
                                    "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 2}, None),
     "wrapper_untied_with_towers": ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
                                     "moe_intermediate_size": 32},
-                                   {"tie_word_embeddings": False,
-                                    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                                      "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
-                                                      "patch_size": 4, "position_embedding_size": 64,
-                                                      "pooling_kernel_size": 2}}),
+                                   {"tie_word_embeddings": False, "vision_config": TINY_VISION}),
 }
 
 

@@ -12,30 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.configs import TINY_MOE, tiny_text_config
+from fixtures.configs import tiny_text_config
 from gemma4_support.config.families import discover
 from gemma4_support.config.spec import FULL, SLIDING, load_spec
 from gemma4_support.convert.checkpoint import HFCheckpoint, check_hf
 from gemma4_support.model.build import model_spec
-from validation.hf_checkpoints import Subject, hf_model, megatron_model, run_stage_on_checkpoint, save_random_checkpoint
+from validation.hf_checkpoints import (
+    WRAPPED_TEXT, WRAPPERS, Subject, hf_model, megatron_model, run_stage_on_checkpoint, save_random_checkpoint,
+)
 from validation.parity import fp32_gates, fp32_step, placeholder_token_ids
 from validation.thresholds import HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED
 
 pytestmark = pytest.mark.stage_hf_parity
 
 S, F = SLIDING, FULL
-# The text model inside the wrapper: MoE top-2, K=V full layers, 4 layers s, s, f, f (cut to 3 like any real model).
-TEXT = tiny_text_config(num_hidden_layers=4, layer_types=[S, S, F, F], **TINY_MOE)
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4, "position_embedding_size": 64,
-          "pooling_kernel_size": 2}
-AUDIO = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "subsampling_conv_channels": [8, 4],
-         "output_proj_dims": 32, "conv_kernel_size": 3}
-WRAPPERS = {
-    "text_only": {},
-    "untied_at_wrapper_level": {"tie_word_embeddings": False},  # text_config keeps its default tie: true
-    "with_vision_audio_towers": {"vision_config": VISION, "audio_config": AUDIO},
-}
+TEXT = WRAPPED_TEXT  # the text model inside the wrapper: MoE top-2, K=V full layers, s, s, f, f
 
 
 def wrapper_subject(path: Path, kind: str, seed: int) -> Subject:

@@ -33,7 +33,7 @@ from validation.thresholds import LORA_PEFT_INTEROP
 pytestmark = pytest.mark.stage_mismatch
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-IDS = torch.randint(5, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(5, 250, (1, 40), generator=torch.Generator().manual_seed(1))  # inside every vocabulary here
 
 
 def ours_logits(base: Path, adapters: LoraAdapters) -> torch.Tensor:
@@ -93,13 +93,25 @@ def test_our_adapter_in_peft(variant: str, tmp_path: Path, stage_report) -> None
                        k_eq_v_layers=k_eq_v, peft=peft.__version__, unexpected_keys_warning=unexpected[:1])
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe"])
+def wrapper_checkpoint(path: Path, seed: int) -> Path:
+    """A multimodal-wrapper checkpoint (MoE text model, vision and audio towers) written by transformers."""
+    from validation.hf_checkpoints import WRAPPED_TEXT, WRAPPERS, save_random_checkpoint
+
+    return save_random_checkpoint(path, WRAPPED_TEXT, seed, wrapper=WRAPPERS["with_vision_audio_towers"])
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe", "wrapper"])
 def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma4_seed: int) -> None:
     """PEFT's own adapter: refused as it is (K=V layers lack v_proj), imported by import_peft_adapter, then our logits
-    equal PEFT's (fp32)."""
-    base = fixture_dir(variant)
+    equal PEFT's (fp32). On the multimodal wrapper PEFT must be told to leave the towers alone (their projections
+    are not nn.Linear), as users do: a target regex on the language model."""
+    if variant == "wrapper":
+        base = wrapper_checkpoint(tmp_path / "ckpt", gemma4_seed)
+        targets = {"target_modules": rf".*language_model.*\.({'|'.join(TARGETS)})"}
+    else:
+        base, targets = fixture_dir(variant), {}
     spec = model_spec(base)
-    written, model = peft_written(base, tmp_path / "peft", gemma4_seed)
+    written, model = peft_written(base, tmp_path / "peft", gemma4_seed, **targets)
     with pytest.raises(CheckpointError, match="import_peft_adapter") as err:
         load_adapter(written, spec)
     assert "\n" not in str(err.value)

