@@ -2,12 +2,16 @@
 `fixtures.factory`; tests get checkpoints through these fixtures or `fixture_dir`)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from gemma4_support.config.spec import ModelSpec, load_spec
+
+if TYPE_CHECKING:
+    from validation.transformers_writers import Written
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -81,3 +85,19 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def written_by(tmp_path_factory: pytest.TempPathFactory, gemma4_seed: int) -> Callable[[str], Written]:
+    """Checkpoints and the fixtures' tokenizer written by another transformers release, once per release per process
+    (validation/transformers_writers.py; the tests using it share the xdist group "transformers_writers")."""
+    from validation.transformers_writers import write_with
+
+    done: dict[str, Written] = {}
+
+    def get(version: str) -> Written:
+        if version not in done:
+            done[version] = write_with(version, tmp_path_factory.mktemp(f"written-{version}"), gemma4_seed)
+        return done[version]
+
+    return get

@@ -21,6 +21,7 @@ from gemma4_support.errors import TokenizationError
 from gemma4_support.serving.wire import template_messages
 from validation import thresholds as T
 from validation.properties import check_property
+from validation.transformers_writers import WRITERS
 from validation.vllm_parsers import parse_model_text
 
 pytestmark = pytest.mark.stage_tokenization
@@ -288,3 +289,28 @@ def test_processor_chat_template_json(tmp_path) -> None:  # noqa: ANN001
         checkpoint_template(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("processor's")
     assert checkpoint_template(tmp_path) == "processor's"
+
+
+@pytest.mark.xdist_group("transformers_writers")
+@pytest.mark.parametrize("version", list(WRITERS))
+def test_tokenizer_written_by_other_transformers(version: str, written_by, stage_report) -> None:  # noqa: ANN001
+    """The fixtures' tokenizer re-saved by another transformers release (validation/transformers_writers.py): its
+    template is read back unchanged, and the pinned transformers tokenizes a rendered tool conversation with thinking
+    to the same ids, the Gemma 4 special strings to the same single ids."""
+    from transformers import AutoTokenizer
+
+    from fixtures.conversations import weather_conversation, weather_tools
+    from fixtures.tokenizer import SPECIAL_TOKENS
+    from gemma4_support.chat.template import checkpoint_template, render
+
+    written = written_by(version)
+    template = checkpoint_template(written.tokenizer)
+    reread, reference = AutoTokenizer.from_pretrained(written.tokenizer), hf_tokenizer()
+    text = render(weather_conversation(), template=template, tools=weather_tools(), enable_thinking=True)
+    ids, want = reread(text)["input_ids"], reference(text)["input_ids"]
+    specials = [t for t in SPECIAL_TOKENS if reread.convert_tokens_to_ids(t) != reference.convert_tokens_to_ids(t)]
+    stage_report.record(f"tokenizer_written_by/{version}", tokens=len(ids), files=sorted(
+        p.name for p in written.tokenizer.iterdir()))
+    assert template == reference.chat_template
+    assert ids == want and len(want) > 100
+    assert not specials, specials

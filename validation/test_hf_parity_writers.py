@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,25 +20,12 @@ from gemma4_support.model.build import model_spec
 from validation.hf_checkpoints import Subject, hf_model, megatron_model
 from validation.parity import fp32_gates, fp32_step, load_hf_reference
 from validation.thresholds import HF_PARITY_BACKWARD_FP32, HF_PARITY_BACKWARD_FP32_UNRESOLVED, HF_PARITY_WRITER_LOGITS
-from validation.transformers_writers import CASES, WRITERS, Written, write_with
+from validation.transformers_writers import CASES, WRITERS
 
 pytestmark = [pytest.mark.stage_hf_parity, pytest.mark.xdist_group("transformers_writers")]
 
 
 NEWEST = max(WRITERS, key=lambda v: tuple(map(int, v.split("."))))
-
-
-@pytest.fixture(scope="module")
-def written_by(tmp_path_factory: pytest.TempPathFactory, gemma4_seed: int) -> Callable[[str], Written]:
-    """Every case written by a transformers release, once per release in this module."""
-    done: dict[str, Written] = {}
-
-    def get(version: str) -> Written:
-        if version not in done:
-            done[version] = write_with(version, tmp_path_factory.mktemp(f"written-{version}"), gemma4_seed)
-        return done[version]
-
-    return get
 
 
 def pinned_logits_metrics(path: Path, ids: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:

@@ -4,7 +4,8 @@ its transformers and the hub/tokenizers versions it insists on; torch and safete
 subprocess that saves random checkpoints with its own `save_pretrained` and its own fp32 logits on fixed tokens.
 The test reads them back with the pinned transformers and with this library (validation/test_hf_parity_writers.py).
 
-Run as `python -m validation.transformers_writers OUT SEED` (the writer side, under the writer's PYTHONPATH)."""
+Run as `python -m validation.transformers_writers OUT SEED TOKENIZER_DIR` (the writer side, under the writer's
+PYTHONPATH)."""
 from __future__ import annotations
 
 import hashlib
@@ -52,6 +53,11 @@ class Written:
         """The checkpoint folder of `case`."""
         return self.root / case
 
+    @property
+    def tokenizer(self) -> Path:
+        """The fixtures' tokenizer as this release's save_pretrained writes it."""
+        return self.root / "tokenizer"
+
     def logits(self, case: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [1, n], the writer's fp32 logits [1, n, vocab]) of `case`."""
         saved = torch.load(self.root / case / "logits.pt")
@@ -80,7 +86,10 @@ def write_with(version: str, out: Path, seed: int) -> Written:
     """Every case written by transformers `version` (in a subprocess on its own packages) into `out`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(writer_env(version)), str(REPO)]),
            "USE_HUB_KERNELS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "validation.transformers_writers", str(out), str(seed)]
+    from fixtures.factory import fixture_dir
+
+    tokenizer = fixture_dir("moe")  # built here, by the pinned libraries, never by the writer's
+    cmd = [sys.executable, "-m", "validation.transformers_writers", str(out), str(seed), str(tokenizer)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the transformers {version} writer failed: {done.stderr.strip()[-1500:]}")
@@ -90,8 +99,9 @@ def write_with(version: str, out: Path, seed: int) -> Written:
     return Written(version, out)
 
 
-def _write_all(out: Path, seed: int) -> None:
-    """The writer side: save every case with this process's transformers, and its logits on fixed ids."""
+def _write_all(out: Path, seed: int, tokenizer: Path) -> None:
+    """The writer side: save every case with this process's transformers, its logits on fixed ids, and the
+    tokenizer in `tokenizer` as this release re-saves it."""
     import transformers
 
     from validation.hf_checkpoints import random_hf_model
@@ -104,8 +114,9 @@ def _write_all(out: Path, seed: int) -> None:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
         torch.save({"ids": ids, "logits": logits}, out / case / "logits.pt")
+    transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out / "tokenizer")
     (out / "writer.json").write_text(json.dumps({"transformers": transformers.__version__}))
 
 
 if __name__ == "__main__":
-    _write_all(Path(sys.argv[1]), int(sys.argv[2]))
+    _write_all(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
