@@ -211,7 +211,8 @@ def test_bad_configs_give_one_clear_line(config, error, field):
     assert field in message and "fix:" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("config_class", ["Gemma4UnifiedConfig", "Gemma4AssistantConfig", "Gemma4UnifiedAssistantConfig"])
+@pytest.mark.parametrize("config_class",
+                         ["Gemma4UnifiedConfig", "Gemma4AssistantConfig", "Gemma4UnifiedAssistantConfig"])
 def test_gemma4_siblings_are_refused_by_name(config_class: str, tmp_path) -> None:
     """The other Gemma 4 model types transformers registers (the 12B unified model, the speculative-decoding drafters),
     as its save_pretrained writes them: refused as out of scope in one line naming the model_type and the fix — not

@@ -1,7 +1,7 @@
 """Stage hf_parity across Gemma 4 config variants: checkpoints written by transformers itself (`save_pretrained` of a
 randomly initialised tiny Gemma4ForCausalLM: hidden 64, head_dim 64 unless the case varies it) for the routing
-setups, layer patterns, windows, head widths and bf16 storage the fixtures do not cover. Each passes the fp32 forward gates
-(log-probs relative to HF's own fp32-vs-fp64 distance, KL, routing) and backward gates on a packed row of three
+setups, layer patterns, windows, head widths and bf16 storage the fixtures do not cover. Each passes the fp32 forward
+gates (log-probs relative to HF's own fp32-vs-fp64 distance, KL, routing) and backward gates on a packed row of three
 documents at least 4 windows long (window 4096: a 64-token row, shorter than one window, so the sliding layers
 see whole documents — the case checks that a window beyond the row changes nothing).
 Configs the library does not model are refused before anything is built, with one line naming the field."""

@@ -3,8 +3,8 @@
 (per_layer_config) and the newest (5.25.0), each saving dense, MoE and multimodal-wrapper checkpoints with its own
 `save_pretrained` and computing its own fp32 logits. For each: the pinned transformers reads it to the writer's
 logits (the reference this suite compares against means what the writer meant), and this library passes the fp32
-forward and backward gates on it. Sensitivity: a checkpoint whose config.json's window was edited one key wider no longer
-reads to its writer's logits, and the gate says so."""
+forward and backward gates on it. Sensitivity: a checkpoint whose config.json's window was edited one key wider no
+longer reads to its writer's logits, and the gate says so."""
 from __future__ import annotations
 
 import json
@@ -48,7 +48,8 @@ def config_format(path: Path) -> str:
 @pytest.mark.expected_seconds(30)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("version", list(WRITERS))
-def test_writer_checkpoint_reads_as_written(version: str, case: str, written_by, stage_report, gemma4_seed: int) -> None:
+def test_writer_checkpoint_reads_as_written(version: str, case: str, written_by, stage_report,  # noqa: ANN001
+                                             gemma4_seed: int) -> None:
     """The pinned transformers computes the writer's logits; this library passes the fp32 gates on the checkpoint."""
     import transformers
 
@@ -65,8 +66,8 @@ def test_writer_checkpoint_reads_as_written(version: str, case: str, written_by,
     row = subject.row("packed", gemma4_seed)
     fwd, bwd = fp32_step(hf_model(path, depth), hf_model(path, depth, torch.float64), megatron_model(subject), row,
                          backward=True)
-    stage_report.check(f"writers/{written.version}/{case}/forward_fp32", fwd, fp32_gates(fwd, subject.spec.moe is not None),
-                       **info, **subject.info(row))
+    stage_report.check(f"writers/{written.version}/{case}/forward_fp32", fwd,
+                       fp32_gates(fwd, subject.spec.moe is not None), **info, **subject.info(row))
     per_tensor = bwd.pop("per_tensor_rel_l2")
     stage_report.check(f"writers/{written.version}/{case}/backward_fp32", bwd,
                        HF_PARITY_BACKWARD_FP32 + HF_PARITY_BACKWARD_FP32_UNRESOLVED, tensors_compared=len(per_tensor),

@@ -163,7 +163,8 @@ def test_bf16_loss_gate_catches_misaligned_labels(stage_report, gemma4_seed: int
         state = random_state(w.config, torch.bfloat16, "cpu", w.seed)
         model = megatron_model(spec, state, torch.bfloat16, "cpu", w.attention)
         hf_loss = float(hf_train_step(hf_model(w.config, torch.bfloat16, "cpu", state), row.input_ids.view(2, -1))())
-        loss = {name: float(train_step(model, r, list(model.parameters()), w.chunk_tokens)()) for name, r in variants.items()}
+        params = list(model.parameters())
+        loss = {name: float(train_step(model, r, params, w.chunk_tokens)()) for name, r in variants.items()}
     gates = [g for g in throughput_gates("bfloat16", cuda=False) if g.metric == "train_loss_rel_diff_vs_hf"]
     rel = {name: {"train_loss_rel_diff_vs_hf": abs(v - hf_loss) / abs(hf_loss)} for name, v in loss.items()}
     info = {"hf_loss": hf_loss, "dtype": "bfloat16"}

@@ -73,9 +73,9 @@ def writer_env(version: str) -> Path:
                *WRITERS[version]]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
-            raise RuntimeError(f"pip could not install the transformers {version} writer ({' '.join(WRITERS[version])}):"
-                               f" {out.stderr.strip()[-500:]} — fix: let this machine reach PyPI, or run the test once "
-                               "where it can and point GEMMA4_FIXTURE_CACHE at that cache, or deselect "
+            raise RuntimeError(f"pip could not install the transformers {version} writer ({' '.join(WRITERS[version])})"
+                               f": {out.stderr.strip()[-500:]} — fix: let this machine reach PyPI, or run the test "
+                               "once where it can and point GEMMA4_FIXTURE_CACHE at that cache, or deselect "
                                "test_hf_parity_writers")
 
     pins = hashlib.sha256(" ".join(WRITERS[version]).encode()).hexdigest()[:12]

@@ -55,7 +55,8 @@ def checkpoint_templates(model_dir: str | Path) -> dict[str, str]:
         templates["default"] = raw
     elif isinstance(raw, list):  # the older multi-template form: [{"name": ..., "template": ...}, ...]
         for entry in raw:
-            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)):
+            named = isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            if not (named and isinstance(entry.get("template"), str)):
                 raise TokenizationError(f"{config}: chat_template entry {str(entry)[:80]} is not a name and a template",
                                         'write chat_template as a string, or a list of {"name", "template"} objects')
             templates[entry["name"]] = entry["template"]
