@@ -1,15 +1,16 @@
 """Stage mismatch, offline: LoRA adapters between this trainer and HF PEFT (the library users train SFT warm-starts
-and evaluate with). Both directions on the dense and MoE fixtures (fp32, attention and dense-MLP targets — PEFT
-targets modules, and HF's routed experts are fused parameters, so expert adapters stay in vLLM's layout only):
+and evaluate with). Both directions on the dense and MoE fixtures (fp32, attention and dense-MLP targets; PEFT -> ours
+also on the multimodal wrapper, and with the routed experts adapted through PEFT's target_parameters):
 
 * ours -> PEFT: an adapter `save_adapter` wrote, loaded by `PeftModel.from_pretrained` on HF's model, computes our
   model's logits with the adapter attached (PEFT reports only the K=V layers' v_proj tensors as unexpected: HF has no
   v_proj there, its V is the K projection, adapter included).
 * PEFT -> ours: an adapter PEFT's `save_pretrained` wrote is refused by `load_adapter` (no v_proj on K=V layers: vLLM
-  would leave V unadapted) with a line naming `import_peft_adapter`, which rewrites it; then our logits equal PEFT's.
+  would leave V unadapted) with a line naming `import_peft_adapter`, which rewrites it (and splits adapters on HF's
+  fused expert weights into one per expert); then our logits equal PEFT's.
 * PEFT's variants that change the math (rsLoRA, alpha_pattern, rank_pattern, DoRA, aLoRA, adapter bias, trainable
   tokens), as PEFT writes them: refused in one line naming the field. Sensitivity: alpha_pattern read as plain LoRA
-  (the field check bypassed) fails the logits gate against PEFT.
+  (the field check bypassed), and expert adapters given to the wrong experts, fail the logits gate against PEFT.
 """
 from __future__ import annotations
 
@@ -100,16 +101,22 @@ def wrapper_checkpoint(path: Path, seed: int) -> Path:
     return save_random_checkpoint(path, WRAPPED_TEXT, seed, wrapper=WRAPPERS["with_vision_audio_towers"])
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "wrapper"])
+EXPERT_PARAMETERS = {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe", "wrapper", "moe_experts"])
 def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma4_seed: int) -> None:
     """PEFT's own adapter: refused as it is (K=V layers lack v_proj), imported by import_peft_adapter, then our logits
     equal PEFT's (fp32). On the multimodal wrapper PEFT must be told to leave the towers alone (their projections
-    are not nn.Linear), as users do: a target regex on the language model."""
+    are not nn.Linear), as users do: a target regex on the language model. With the routed experts adapted too
+    (PEFT's target_parameters on HF's fused expert weights), the import splits them into one adapter per expert."""
     if variant == "wrapper":
         base = wrapper_checkpoint(tmp_path / "ckpt", gemma4_seed)
         targets = {"target_modules": rf".*language_model.*\.({'|'.join(TARGETS)})"}
     else:
-        base, targets = fixture_dir(variant), {}
+        base, targets = fixture_dir(variant.removesuffix("_experts")), {}
+    if variant == "moe_experts":
+        targets = EXPERT_PARAMETERS
     spec = model_spec(base)
     written, model = peft_written(base, tmp_path / "peft", gemma4_seed, **targets)
     with pytest.raises(CheckpointError, match="import_peft_adapter") as err:
@@ -117,7 +124,8 @@ def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma
     assert "\n" not in str(err.value)
     imported = import_peft_adapter(written, spec, tmp_path / "imported")
     adapters = load_adapter(imported, spec)
-    assert set(adapters.config.target_modules) == set(TARGETS) and not adapters.config.experts
+    assert set(adapters.config.target_modules) == set(TARGETS)
+    assert adapters.config.experts == (variant == "moe_experts")
     metrics = interop_metrics(ours_logits(base, adapters), *peft_logits(model))
     stage_report.check(f"lora_peft/peft_to_ours/{variant}", metrics, LORA_PEFT_INTEROP, peft=peft.__version__,
                        refused_as_written=str(err.value))
@@ -167,3 +175,22 @@ def test_alpha_pattern_read_as_plain_lora_fails_the_gate(tmp_path: Path, monkeyp
     metrics = interop_metrics(ours_logits(base, adapters), *peft_logits(model))
     stage_report.expect_caught("sensitivity/lora_peft/alpha_pattern_read_as_plain_lora", metrics, LORA_PEFT_INTEROP,
                                alpha=adapters.config.alpha, q_proj_alpha=32)
+
+
+def test_experts_imported_to_the_wrong_expert_fail_the_gate(tmp_path: Path, stage_report, gemma4_seed: int) -> None:
+    """Sensitivity: PEFT's expert adapters imported with experts 0 and 1 exchanged (an index order misread) no
+    longer compute PEFT's logits."""
+    from safetensors.torch import load_file, save_file
+
+    from gemma4_support.lora.export import ADAPTER_WEIGHTS
+
+    base = fixture_dir("moe")
+    spec = model_spec(base)
+    written, model = peft_written(base, tmp_path / "peft", gemma4_seed, **EXPERT_PARAMETERS)
+    imported = import_peft_adapter(written, spec, tmp_path / "imported")
+    tensors = load_file(imported / ADAPTER_WEIGHTS)
+    swap = {".experts.0.": ".experts.1.", ".experts.1.": ".experts.0."}
+    renamed = {next((k.replace(a, b) for a, b in swap.items() if a in k), k): v for k, v in tensors.items()}
+    save_file(renamed, str(imported / ADAPTER_WEIGHTS))
+    metrics = interop_metrics(ours_logits(base, load_adapter(imported, spec)), *peft_logits(model))
+    stage_report.expect_caught("sensitivity/lora_peft/experts_exchanged", metrics, LORA_PEFT_INTEROP)

@@ -268,8 +268,9 @@ MISMATCH_WORKLOAD = (
 # The adapter served natively and merged into the weights score the same tokens alike (dense fixture, fp32).
 MISMATCH_NATIVE_VS_MERGED = (Gate("max_abs", "<=", 1e-4),)
 # The same adapter in this trainer and in HF + PEFT (validation/test_lora_peft.py, fp32, both directions): logits
-# equal up to summation order (fp32 rounding is ~1e-7 of the logits' scale), and the adapter must move PEFT's logits
-# by at least 1 % for the comparison to mean anything (random B at std 0.05 moves them by ~90 %).
+# equal up to summation order — measured 0.0 for adapters on modules, 2.4e-6 to 3.6e-6 (five seeds) with the routed
+# experts adapted (PEFT adds B·A to HF's fused expert weight, this trainer applies A then B) — and the adapter must
+# move PEFT's logits by at least 1 % for the comparison to mean anything (random B at std 0.05 moves them by ~90 %).
 LORA_PEFT_INTEROP = (Gate("logits_max_abs_rel_vs_peft", "<=", 1e-5), Gate("adapter_effect_max_abs_rel", ">=", 1e-2))
 
 

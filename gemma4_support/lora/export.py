@@ -12,7 +12,8 @@ name outside the model (unknown module, layer or expert beyond the config), a sh
 layer whose v_proj adapter is missing or differs from its k_proj adapter, a config field that changes the math
 (PEFT's variants) or that this reader does not know, when it is set. `import_peft_adapter` takes an adapter PEFT
 wrote for the HF model (no v_proj on K=V layers there: HF's V is the K projection, adapter included) and writes its
-k_proj adapter again under v_proj.
+k_proj adapter again under v_proj; PEFT's adapters on HF's fused expert weights (`target_parameters`) become one
+adapter per expert and projection.
 The merged checkpoint is the base checkpoint with `scaling · B @ A` added to each adapted weight (computed in
 float64, rounded once to the checkpoint's dtype); everything else is copied bit for bit.
 """
@@ -110,9 +111,13 @@ def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
     for key, value in doc.items():
         if key in _READ or key in _INERT or value in _EMPTY:
             continue
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        if key == "target_parameters":
+            raise CheckpointError(f"{cfg_file}: {key} = {shown}: adapters on HF's fused parameters, which vLLM's LoRA "
+                                  "and this trainer read per expert", "rewrite it with gemma4_support.lora."
+                                  "import_peft_adapter (it splits PEFT's adapters on the routed experts)")
         what = "is not supported by vLLM's LoRA" if key in _UNSUPPORTED else \
             "changes what the adapter computes, and neither vLLM's LoRA nor this trainer applies it"
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         raise CheckpointError(f"{cfg_file}: {key} = {shown} {what}", f"export a plain LoRA adapter (without {key})")
     if doc.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_file}: bias = {doc['bias']!r}", 'vLLM applies no adapter bias: use "none"')
@@ -178,14 +183,64 @@ def load_adapter(directory: str | Path, spec: ModelSpec, dtype: torch.dtype = to
     return adapters
 
 
+_PEFT_EXPERTS = re.compile(r"^(?P<prefix>base_model\.model\..+\.experts)\.(?P<nest>(?:base_layer\.)*)"
+                           r"lora_(?P<ab>[AB])\.weight$")
+_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")  # HF's fused expert weights, [E, out, in]
+
+
+def _per_expert(tensors: dict[str, torch.Tensor], spec: ModelSpec, where: Path) -> dict[str, torch.Tensor]:
+    """PEFT's adapters on HF's fused expert parameters (target_parameters: A [r·E, in], B [out, r·E] with the expert
+    index fastest in B's columns) as one adapter per expert and projection, named as vLLM and this trainer name them."""
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if _PEFT_EXPERTS.match(k)]:
+        match = _PEFT_EXPERTS.match(key)
+        pairs.setdefault((match["prefix"], match["nest"]), {})[match["ab"]] = tensors.pop(key)
+    if pairs and spec.moe is None:
+        raise CheckpointError(f"{where} adapts routed experts but the model has none", "use the adapter's own model")
+    out: dict[str, torch.Tensor] = {}
+    for (prefix, _), ab in sorted(pairs.items()):
+        experts, hidden, inter = spec.moe.num_experts, spec.hidden_size, spec.moe.expert_intermediate_size
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None or a.shape[0] % experts or a.shape[0] != b.shape[1]:
+            raise CheckpointError(f"{where}: {prefix} has no [r·{experts}, in] / [out, r·{experts}] lora_A / lora_B pair",
+                                  "save the adapter with PEFT's save_pretrained, unchanged")
+        rank = a.shape[0] // experts
+        shape = (a.shape[1], b.shape[0])
+        if shape not in ((hidden, 2 * inter), (inter, hidden)):
+            raise CheckpointError(f"{where}: {prefix} adapts an expert weight of [in, out] {list(shape)}; this model's "
+                                  f"are gate_up [{hidden}, {2 * inter}] and down [{inter}, {hidden}]",
+                                  "import the adapter against the model it was trained on")
+        a_e, b_e = a.reshape(experts, rank, a.shape[1]), b.reshape(b.shape[0], rank, experts)
+        for e in range(experts):
+            A, B = a_e[e].contiguous(), b_e[:, :, e].contiguous()
+            split = {"gate_proj": B[:inter], "up_proj": B[inter:]} if shape[0] == hidden else {"down_proj": B}
+            for name, rows in split.items():
+                out[f"{prefix}.{e}.{name}.lora_A.weight"] = A.clone()
+                out[f"{prefix}.{e}.{name}.lora_B.weight"] = rows.contiguous()
+    return out
+
+
 def import_peft_adapter(source: str | Path, spec: ModelSpec, directory: str | Path) -> Path:
     """An adapter PEFT wrote for the HF model, rewritten as vLLM and this trainer read it alike (atomically)."""
     src, out = Path(source), Path(directory)
     if not (src / ADAPTER_CONFIG).is_file() or not (src / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{src} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})",
                               "point at the directory PeftModel.save_pretrained wrote")
+    try:
+        doc = json.loads((src / ADAPTER_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{src / ADAPTER_CONFIG} is not valid JSON ({exc})", "rewrite the adapter config") from None
     with safe_open(str(src / ADAPTER_WEIGHTS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = doc.get("target_parameters") if isinstance(doc, dict) else None
+    if params:
+        others = [p for p in params if not (isinstance(p, str) and p.endswith(_EXPERT_PARAMETERS))]
+        if others:
+            raise CheckpointError(f"{src / ADAPTER_CONFIG}: target_parameters {others[:3]} are not HF's routed-expert "
+                                  f"weights {list(_EXPERT_PARAMETERS)}, the only parameters this import splits",
+                                  "train those weights' adapters through target_modules instead")
+        tensors.update(_per_expert(tensors, spec, src))
+        doc["target_parameters"] = None
     prefixes = {_PEFT + m.name: _PEFT + m.alias_of for m in lora_modules(spec, LoraConfig(experts=False))
                 if m.alias_of is not None}  # HF has no v_proj on K=V layers: its value is the K projection
     for v_prefix, k_prefix in prefixes.items():
@@ -195,7 +250,7 @@ def import_peft_adapter(source: str | Path, spec: ModelSpec, directory: str | Pa
                 tensors[v_key] = tensors[k_key].clone()
     tmp = _atomic_dir(out)
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    shutil.copyfile(src / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True))
     try:
         read_adapter(tmp, spec)
     except BaseException as exc:
