@@ -94,6 +94,14 @@ def save_adapter(adapters: LoraAdapters, directory: str | Path, *, base_model: s
     return _publish(tmp, out)
 
 
+def _adapter_doc(cfg_file: Path) -> object:
+    """The parsed adapter_config.json (refused in one line when it is not JSON)."""
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc})", "rewrite the adapter config") from None
+
+
 def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Read and validate a PEFT adapter for `spec`: its config and (A, B) per trained module (aliases dropped)."""
     path = Path(directory)
@@ -101,10 +109,7 @@ def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(f"{path} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})",
                               "export it with gemma4_support.lora.save_adapter")
-    try:
-        doc = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc})", "rewrite the adapter config") from None
+    doc = _adapter_doc(cfg_file)
     if not isinstance(doc, dict) or doc.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_file}: peft_type is {doc.get('peft_type') if isinstance(doc, dict) else doc!r}, "
                               "not LORA", "export a LoRA adapter")
@@ -202,8 +207,8 @@ def _per_expert(tensors: dict[str, torch.Tensor], spec: ModelSpec, where: Path) 
         experts, hidden, inter = spec.moe.num_experts, spec.hidden_size, spec.moe.expert_intermediate_size
         a, b = ab.get("A"), ab.get("B")
         if a is None or b is None or a.shape[0] % experts or a.shape[0] != b.shape[1]:
-            raise CheckpointError(f"{where}: {prefix} has no [r·{experts}, in] / [out, r·{experts}] lora_A / lora_B pair",
-                                  "save the adapter with PEFT's save_pretrained, unchanged")
+            raise CheckpointError(f"{where}: {prefix} has no [r·{experts}, in] / [out, r·{experts}] lora_A / "
+                                  "lora_B pair", "save the adapter with PEFT's save_pretrained, unchanged")
         rank = a.shape[0] // experts
         shape = (a.shape[1], b.shape[0])
         if shape not in ((hidden, 2 * inter), (inter, hidden)):
@@ -226,10 +231,7 @@ def import_peft_adapter(source: str | Path, spec: ModelSpec, directory: str | Pa
     if not (src / ADAPTER_CONFIG).is_file() or not (src / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{src} is not a PEFT adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})",
                               "point at the directory PeftModel.save_pretrained wrote")
-    try:
-        doc = json.loads((src / ADAPTER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{src / ADAPTER_CONFIG} is not valid JSON ({exc})", "rewrite the adapter config") from None
+    doc = _adapter_doc(src / ADAPTER_CONFIG)
     with safe_open(str(src / ADAPTER_WEIGHTS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     params = doc.get("target_parameters") if isinstance(doc, dict) else None
