@@ -104,7 +104,7 @@ def wrapper_checkpoint(path: Path, seed: int) -> Path:
 EXPERT_PARAMETERS = {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "wrapper", "moe_experts"])
+@pytest.mark.parametrize("variant", ["dense", "moe", "wrapper", "moe_experts", "square_experts"])
 def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma4_seed: int) -> None:
     """PEFT's own adapter: refused as it is (K=V layers lack v_proj), imported by import_peft_adapter, then our logits
     equal PEFT's (fp32). On the multimodal wrapper PEFT must be told to leave the towers alone (their projections
@@ -113,6 +113,12 @@ def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma
     if variant == "wrapper":
         base = wrapper_checkpoint(tmp_path / "ckpt", gemma4_seed)
         targets = {"target_modules": rf".*language_model.*\.({'|'.join(TARGETS)})"}
+    elif variant == "square_experts":  # expert width = hidden: gate_up and down told apart by their whole shapes
+        from fixtures.configs import TINY_MOE, tiny_text_config
+        from validation.hf_checkpoints import save_random_checkpoint
+
+        config = tiny_text_config(**{**TINY_MOE, "moe_intermediate_size": 64})
+        base, targets = save_random_checkpoint(tmp_path / "ckpt", config, gemma4_seed), EXPERT_PARAMETERS
     else:
         base, targets = fixture_dir(variant.removesuffix("_experts")), {}
     if variant == "moe_experts":
@@ -125,7 +131,7 @@ def test_peft_adapter_imported(variant: str, tmp_path: Path, stage_report, gemma
     imported = import_peft_adapter(written, spec, tmp_path / "imported")
     adapters = load_adapter(imported, spec)
     assert set(adapters.config.target_modules) == set(TARGETS)
-    assert adapters.config.experts == (variant == "moe_experts")
+    assert adapters.config.experts == variant.endswith("_experts")
     metrics = interop_metrics(ours_logits(base, adapters), *peft_logits(model))
     stage_report.check(f"lora_peft/peft_to_ours/{variant}", metrics, LORA_PEFT_INTEROP, peft=peft.__version__,
                        refused_as_written=str(err.value))

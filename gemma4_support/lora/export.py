@@ -218,7 +218,8 @@ def _per_expert(tensors: dict[str, torch.Tensor], spec: ModelSpec, where: Path) 
         a_e, b_e = a.reshape(experts, rank, a.shape[1]), b.reshape(b.shape[0], rank, experts)
         for e in range(experts):
             A, B = a_e[e].contiguous(), b_e[:, :, e].contiguous()
-            split = {"gate_proj": B[:inter], "up_proj": B[inter:]} if shape[0] == hidden else {"down_proj": B}
+            gate_up = shape == (hidden, 2 * inter)  # else down; distinct even where hidden equals the expert width
+            split = {"gate_proj": B[:inter], "up_proj": B[inter:]} if gate_up else {"down_proj": B}
             for name, rows in split.items():
                 out[f"{prefix}.{e}.{name}.lora_A.weight"] = A.clone()
                 out[f"{prefix}.{e}.{name}.lora_B.weight"] = rows.contiguous()
