@@ -58,6 +58,12 @@ E = TypeVar("E", bound=Gemma4Error)
 SHOWN_PROBLEMS = 40  # listed one by one; any beyond are counted
 
 
+def short_repr(value: object) -> str:
+    """A value's repr for a one-line message, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def combined(problems: Sequence[Gemma4Error], error: type[E], where: str, *, one_line: bool) -> E:
     """One `error` naming `where` and every problem found there, each with its fix: joined on one line, or one
     line each (the problems stay on the error as `.problems`)."""

@@ -45,11 +45,7 @@ def checkpoint_templates(model_dir: str | Path) -> dict[str, str]:
     the processor's legacy ``chat_template.json`` as "processor" (vLLM renders requests without tools with it)."""
     path = Path(model_dir)
     config = path / "tokenizer_config.json"
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise TokenizationError(f"{config} is not a readable JSON object ({exc})", "repair or re-save the tokenizer") \
-            from None
+    raw = _json_field(config, "chat_template")
     templates: dict[str, str] = {}
     if isinstance(raw, str):
         templates["default"] = raw
@@ -66,15 +62,21 @@ def checkpoint_templates(model_dir: str | Path) -> dict[str, str]:
         for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
             templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
     legacy = path / "chat_template.json"  # a processor's (multimodal) template: transformers' processor prefers it
-    if legacy.is_file():
-        try:
-            processor = json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-            raise TokenizationError(f"{legacy} is not a readable JSON object ({exc})", "repair or re-save it") from None
-        if isinstance(processor, str):
-            templates["processor"] = processor
-            templates.setdefault("default", processor)
+    processor = _json_field(legacy, "chat_template")
+    if isinstance(processor, str):
+        templates["processor"] = processor
+        templates.setdefault("default", processor)
     return templates
+
+
+def _json_field(file: Path, key: str) -> object:
+    """`key` of the JSON object in `file` (None when the file or the key is absent; one line when unreadable)."""
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get(key)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise TokenizationError(f"{file} is not a readable JSON object ({exc})", "repair or re-save it") from None
 
 
 def checkpoint_template(model_dir: str | Path) -> str | None:

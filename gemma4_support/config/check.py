@@ -13,6 +13,7 @@ from gemma4_support.config.hf_fields import (
 )
 from gemma4_support.config.scope import model_type_error, per_layer_overrides, refuse_out_of_scope
 from gemma4_support.errors import ConfigError, combined
+from gemma4_support.errors import short_repr as _show
 
 _HEADS, _WIDTH, _POSITIONS = 1024, 1 << 20, 1 << 24
 # field -> (smallest, largest) integer accepted; the largest is a sanity bound far above every released Gemma 4
@@ -288,9 +289,3 @@ def _geometry(f: _Fields, layer_types: list[str], over: dict[int, dict], got: di
 def _kind(value: object) -> str:
     return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
             type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _show(value: object) -> str:
-    """A short one-line repr of a config value."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from gemma4_support.config.hf_fields import TEXT_MODEL_TYPE, WRAPPER_MODEL_TYPE
-from gemma4_support.errors import ConfigError, UnsupportedVariantError
+from gemma4_support.errors import ConfigError, UnsupportedVariantError, short_repr
 
 _DEFAULT_PLE_WIDTH = 256  # hidden_size_per_layer_input's HF default: per-layer embeddings ON
 # transformers' ACT2FN names whose function this library reproduces exactly (model/config.py maps them).
@@ -37,7 +37,7 @@ def model_type_error(model_type: object) -> ConfigError:
     """The refusal of a config whose model_type is neither gemma4_text nor the gemma4 wrapper."""
     fix = (f"point it at the config.json of a 26B-A4B or 31B checkpoint (model_type {TEXT_MODEL_TYPE!r} or "
            f"{WRAPPER_MODEL_TYPE!r})")
-    shown = repr(model_type) if len(repr(model_type)) <= 60 else repr(model_type)[:57] + "..."
+    shown = short_repr(model_type)
     if isinstance(model_type, str) and model_type.startswith("gemma4"):
         what = SIBLING_MODEL_TYPES.get(model_type, "a Gemma 4 model type this suite does not know")
         return UnsupportedVariantError(f"model_type {shown} is {what}: this suite models the Gemma 4 text decoder of "

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from gemma4_support.config.spec import ModelSpec
 from gemma4_support.convert.checkpoint import HFCheckpoint
-from gemma4_support.errors import CheckpointError
+from gemma4_support.errors import CheckpointError, short_repr
 from gemma4_support.lora.adapter import ATTENTION_TARGETS, MLP_TARGETS, LoraAdapters, LoraConfig, lora_modules
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "save_adapter", "read_adapter", "load_adapter", "import_peft_adapter",
@@ -116,7 +116,7 @@ def read_adapter(directory: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
     for key, value in doc.items():
         if key in _READ or key in _INERT or value in _EMPTY:
             continue
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        shown = short_repr(value)
         if key == "target_parameters":
             raise CheckpointError(f"{cfg_file}: {key} = {shown}: adapters on HF's fused parameters, which vLLM's LoRA "
                                   "and this trainer read per expert", "rewrite it with gemma4_support.lora."
@@ -197,9 +197,9 @@ def _per_expert(tensors: dict[str, torch.Tensor], spec: ModelSpec, where: Path) 
     """PEFT's adapters on HF's fused expert parameters (target_parameters: A [r·E, in], B [out, r·E] with the expert
     index fastest in B's columns) as one adapter per expert and projection, named as vLLM and this trainer name them."""
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if _PEFT_EXPERTS.match(k)]:
-        match = _PEFT_EXPERTS.match(key)
-        pairs.setdefault((match["prefix"], match["nest"]), {})[match["ab"]] = tensors.pop(key)
+    for key in list(tensors):
+        if match := _PEFT_EXPERTS.match(key):
+            pairs.setdefault((match["prefix"], match["nest"]), {})[match["ab"]] = tensors.pop(key)
     if pairs and spec.moe is None:
         raise CheckpointError(f"{where} adapts routed experts but the model has none", "use the adapter's own model")
     out: dict[str, torch.Tensor] = {}
@@ -215,14 +215,14 @@ def _per_expert(tensors: dict[str, torch.Tensor], spec: ModelSpec, where: Path) 
             raise CheckpointError(f"{where}: {prefix} adapts an expert weight of [in, out] {list(shape)}; this model's "
                                   f"are gate_up [{hidden}, {2 * inter}] and down [{inter}, {hidden}]",
                                   "import the adapter against the model it was trained on")
+        # gate_up or down by the whole shape: distinct even where hidden equals the expert width
+        rows = {"gate_proj": slice(0, inter), "up_proj": slice(inter, None)} if shape == (hidden, 2 * inter) \
+            else {"down_proj": slice(None)}
         a_e, b_e = a.reshape(experts, rank, a.shape[1]), b.reshape(b.shape[0], rank, experts)
         for e in range(experts):
-            A, B = a_e[e].contiguous(), b_e[:, :, e].contiguous()
-            gate_up = shape == (hidden, 2 * inter)  # else down; distinct even where hidden equals the expert width
-            split = {"gate_proj": B[:inter], "up_proj": B[inter:]} if gate_up else {"down_proj": B}
-            for name, rows in split.items():
-                out[f"{prefix}.{e}.{name}.lora_A.weight"] = A.clone()
-                out[f"{prefix}.{e}.{name}.lora_B.weight"] = rows.contiguous()
+            for name, part in rows.items():
+                out[f"{prefix}.{e}.{name}.lora_A.weight"] = a_e[e].clone()
+                out[f"{prefix}.{e}.{name}.lora_B.weight"] = b_e[part, :, e].contiguous()
     return out
 
 
